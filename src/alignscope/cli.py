@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 from typing import Annotated, Optional
 
-import click
 import typer
 
 from alignscope.errors import InputError
@@ -70,18 +69,16 @@ def score(
 
 
 def main() -> None:
-    """Console entry point: map user errors to one line and exit code 2."""
+    """Console entry point: map user errors to one line and exit code 2.
+
+    Usage errors (unknown option, missing value) are Typer's own: they also exit with code 2.
+    """
     try:
-        app(standalone_mode=False)
+        app()
     except InputError as exc:
         typer.echo(f"alignscope: error: {exc}", err=True)
         sys.exit(2)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(2)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except KeyboardInterrupt:
         typer.echo("alignscope: interrupted; rerun the same command to resume", err=True)
         sys.exit(130)
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pandas as pd
 
-from alignscope.models.engine import Engine, is_main_process
+from alignscope.models.engine import Engine, is_main_process, num_processes
 from alignscope.models.requests import ScoreRequest
 from alignscope.store import RunDir, atomic_write_json, atomic_write_parquet, file_hash
 
@@ -37,18 +37,17 @@ def score_to_run(engine: Engine, requests: Sequence[ScoreRequest], ids: Sequence
     """
     inputs = {"stage": "score", "model": engine.lm.fingerprint, "model_spec": engine.lm.spec,
               "adapter": engine.lm.adapter, "dtype": str(engine.lm.dtype), "requests": file_hash(source)}
-    run = RunDir(out) if is_main_process() else None
-    if run is not None and (found := run.find("score", inputs)) is not None:
+    run = RunDir(out)
+    if (found := run.find("score", inputs)) is not None:  # every process sees the same answer
         return found.file("scores.parquet")
     frame = score_frame(requests, ids, engine)
-    if run is None:
+    if not is_main_process():
         return None
     with run.build("score", inputs) as scratch:
         atomic_write_parquet(scratch / "scores.parquet", frame)
         atomic_write_json(scratch / "summary.json", {
             "n_requests": len(frame), "mean_logprob": float(frame["logprob"].mean()),
             "total_tokens": int(frame["n_tokens"].sum()), "model": engine.lm.spec,
+            "processes": num_processes(),
         })
-    found = run.find("score", inputs)
-    assert found is not None
-    return found.file("scores.parquet")
+    return run.path("score", inputs) / "scores.parquet"

@@ -162,6 +162,10 @@ class RunDir:
             raise InputError(f"stage name {stage!r} must be letters, digits, '-' or '_'")
         return self.root / stage / key
 
+    def path(self, stage: str, inputs: dict[str, Any]) -> Path:
+        """Where the artefact for these inputs lives (finished or not)."""
+        return self._path(stage, self.key(inputs))
+
     def find(self, stage: str, inputs: dict[str, Any]) -> Artefact | None:
         """The finished artefact for these inputs, or None (then the stage must run)."""
         key = self.key(inputs)

@@ -139,10 +139,17 @@ def _distributed_state() -> Any:
     """The accelerate state when launched with several processes, else None."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
+    import torch
     from accelerate import PartialState
 
-    state = PartialState()
+    # Without cpu=True accelerate falls back to a single-process state on CPU-only machines.
+    state = PartialState(cpu=not torch.cuda.is_available())
     return state if state.num_processes > 1 else None
+
+
+def num_processes() -> int:
+    state = _distributed_state()
+    return 1 if state is None else int(state.num_processes)
 
 
 def is_main_process() -> bool:

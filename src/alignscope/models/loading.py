@@ -154,9 +154,12 @@ def load(
     except (OSError, ValueError) as exc:
         where = "directory" if is_local else "hub id (offline? set a local path instead)"
         raise InputError(f"model {spec}: cannot read its config as a {where}: {_first_line(exc)}") from exc
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not trust_remote_code:
+    architectures = getattr(config, "architectures", None) or []
+    causal_heads = ("ForCausalLM", "LMHeadModel")
+    wrong_head = architectures and not any(a.endswith(causal_heads) for a in architectures)
+    if (config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or wrong_head) and not trust_remote_code:
         raise InputError(
-            f"model {spec}: model_type {config.model_type!r} is not a causal language model; "
+            f"model {spec}: {architectures or config.model_type} is not a causal language model; "
             "alignscope needs a decoder-only LM (e.g. Llama, Gemma, Qwen, SmolLM2)"
         )
     try:
