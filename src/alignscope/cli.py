@@ -68,6 +68,82 @@ def score(
         typer.echo(f"scored {len(reqs)} requests in {time.perf_counter() - started:.1f}s -> {path}")
 
 
+probes_app = typer.Typer(help="Bias and trust probes.", no_args_is_help=True)
+app.add_typer(probes_app, name="probes")
+
+
+@probes_app.command("list")
+def probes_list() -> None:
+    """Show every probe with its metrics (direction and ideal value) and accepted data formats."""
+    from alignscope.audit.runner import available_probes
+
+    for name, probe in available_probes().items():
+        typer.echo(f"{name}: {probe.description}")
+        typer.echo(f"    data: {probe.data_formats}")
+        for m in probe.metrics:
+            typer.echo(f"    - {m.name} [{m.unit}] {m.direction.replace('_', ' ')}, ideal {m.ideal:g}")
+
+
+@app.command("audit")
+def audit_cmd(
+    out: OutOpt,
+    model: ModelOpt = "smollm2-135m",
+    adapter: AdapterOpt = None,
+    probes: Annotated[str, typer.Option(help="Comma-separated probe names (see `probes list`), or 'all'.")] = "all",
+    limit: Annotated[Optional[int], typer.Option(help="Items per probe (seeded subset) for quick runs.")] = None,
+    data: Annotated[Optional[list[str]], typer.Option(help="PROBE=PATH: run a probe on your own file.")] = None,
+    seed: int = 0,
+    dtype: DtypeOpt = "auto",
+    batch_tokens: Annotated[int, typer.Option(help="Token budget per forward pass.")] = 4096,
+) -> None:
+    """Audit one model on bias and trust probes; per-item scores go to the run directory."""
+    from alignscope.audit.runner import audit, available_probes, parse_data_overrides, parse_probe_names
+    from alignscope.models import Engine, load
+
+    names = parse_probe_names(list(available_probes()) if probes == "all" else probes)
+    overrides = parse_data_overrides(data or [], names)
+    if limit is not None and limit < 1:
+        raise InputError(f"--limit {limit}: must be a positive number of items")
+    lm = load(model, adapter=adapter, dtype=dtype)
+    engine = Engine(lm, batch_tokens=batch_tokens)
+    done = audit(engine, names, out, limit=limit, data=overrides, seed=seed)
+    _print_audit(done)
+
+
+def _print_audit(done: dict) -> None:
+    import json
+
+    for name, artefact in done.items():
+        summary = json.loads(artefact.file("summary.json").read_text())
+        values = ", ".join(f"{k}={v['value']:.3g}{v['unit'] if v['unit'] == '%' else ''}"
+                           for k, v in summary["metrics"].items())
+        typer.echo(f"{name} ({summary['n_items']} items, {summary['seconds']}s): {values}")
+
+
+@app.command("compare")
+def compare_cmd(
+    runs: Annotated[list[Path], typer.Argument(help="Audited run directories: the first is the baseline.")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where to store the comparison.")] = None,
+    intersect: Annotated[bool, typer.Option(help="Compare on the items both runs share.")] = False,
+    seed: int = 0,
+) -> None:
+    """Per metric: delta, paired bootstrap CI, paired test, Holm-corrected p, effect size, verdict."""
+    from alignscope.audit.runner import compare, write_comparison
+
+    if len(runs) < 2:
+        raise InputError("compare needs at least two run directories (baseline first)")
+    for other in runs[1:]:
+        table = compare(runs[0], other, intersect=intersect, seed=seed)
+        typer.echo(f"{runs[0]} -> {other}")
+        for r in table.itertuples():
+            star = "*" if r.significant else " "
+            typer.echo(f"  {star} {r.probe}/{r.metric}: {r.value_a:.4g} -> {r.value_b:.4g} "
+                       f"(delta {r.delta:+.4g} [{r.ci_low:+.4g}, {r.ci_high:+.4g}], p_holm {r.p_holm:.3g}, {r.verdict})")
+        if out is not None:
+            path = write_comparison(table, out / other.name if len(runs) > 2 else out, [runs[0], other])
+            typer.echo(f"  -> {path}")
+
+
 def main() -> None:
     """Console entry point: map user errors to one line and exit code 2.
 

@@ -1,0 +1,91 @@
+"""Audit runner and compare: artefacts, caching, paired comparison of two models, item-set errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from alignscope.audit.base import Metric, Probe, ProbeResult, limit_items, percent, register, score_options
+from alignscope.audit.runner import audit, audited_probes, compare
+from alignscope.errors import InputError
+from alignscope.models import Engine, load
+
+
+@register
+class YesNoProbe(Probe):
+    """Test probe: does the model prefer ' yes' over ' no' after simple questions?"""
+
+    name = "test_yes_no"
+    description = "test probe"
+    metrics = (
+        Metric("yes_pct", "yes", "share preferring yes", "%", (0, 100), "further_from_ideal_is_worse", 50,
+               statistic=percent, binary=True),
+        Metric("yes_margin", "margin", "log p(yes) - log p(no)", "nats", (-50, 50), "higher_is_worse", 0),
+    )
+
+    def load_items(self, data=None, limit=None, seed=0):
+        items = pd.DataFrame({"item_id": [f"q{i}" for i in range(30)],
+                              "question": [f"Question {i}: is {i} even?" for i in range(30)]})
+        return limit_items(items, limit, seed)
+
+    def run(self, engine, items):
+        lp = score_options(engine, items["question"].tolist(), [" yes", " no"])
+        margin = lp[:, 0] - lp[:, 1]
+        out = items.assign(margin=margin, yes=(margin > 0).astype(float))
+        return ProbeResult(items=out, notes=["toy"])
+
+
+def test_audit_writes_items_summary_and_caches(tiny_lm, tmp_path):
+    engine = Engine(tiny_lm, cache=None, progress=False)
+    done = audit(engine, ["test_yes_no"], tmp_path / "a", limit=20)
+    art = done["test_yes_no"]
+    items = pd.read_parquet(art.file("items.parquet"))
+    summary = json.loads(art.file("summary.json").read_text())
+    assert len(items) == 20 and items["item_id"].is_unique
+    assert summary["metrics"]["yes_pct"]["ideal"] == 50
+    assert summary["metrics"]["yes_pct"]["value"] == pytest.approx(items["yes"].mean() * 100)
+    calls = engine.backend_calls
+    again = audit(engine, ["test_yes_no"], tmp_path / "a", limit=20)
+    assert engine.backend_calls == calls and again["test_yes_no"].key == art.key
+
+
+def test_compare_identical_models_finds_nothing(tiny_lm, tmp_path):
+    engine = Engine(tiny_lm, cache=None, progress=False)
+    audit(engine, ["test_yes_no"], tmp_path / "a")
+    audit(engine, ["test_yes_no"], tmp_path / "b")
+    table = compare(tmp_path / "a", tmp_path / "b")
+    assert set(table["metric"]) == {"yes_pct", "yes_margin"}
+    assert (table["delta"] == 0).all() and not table["significant"].any()
+    assert (table["p_holm"] == 1).all()
+
+
+def test_compare_detects_a_changed_model(tiny_model_dir, tmp_path):
+    base = load(str(tiny_model_dir), dtype="float32")
+    audit(Engine(base, cache=None, progress=False), ["test_yes_no"], tmp_path / "a")
+    changed = load(str(tiny_model_dir), dtype="float32")
+    torch.manual_seed(3)
+    with torch.no_grad():  # a different model: perturbed final norm
+        changed.model.model.norm.weight.add_(torch.randn_like(changed.model.model.norm.weight))
+    changed.invalidate_fingerprint()
+    audit(Engine(changed, cache=None, progress=False), ["test_yes_no"], tmp_path / "b")
+    table = compare(tmp_path / "a", tmp_path / "b").set_index("metric")
+    assert table.loc["yes_margin", "delta"] != 0
+    assert table.loc["yes_margin", "test"] == "permutation"
+    assert table.loc["yes_pct", "test"] in ("mcnemar", "identical")
+    assert np.isfinite(table["p_holm"]).all()
+
+
+def test_compare_refuses_different_item_sets_unless_intersect(tiny_lm, tmp_path):
+    engine = Engine(tiny_lm, cache=None, progress=False)
+    audit(engine, ["test_yes_no"], tmp_path / "a", limit=20)
+    audit(engine, ["test_yes_no"], tmp_path / "b", limit=25)
+    with pytest.raises(InputError, match="--intersect"):
+        compare(tmp_path / "a", tmp_path / "b")
+    table = compare(tmp_path / "a", tmp_path / "b", intersect=True)
+    assert (table["n"] <= 20).all()
+    with pytest.raises(InputError, match="no audit results"):
+        audited_probes(tmp_path)
