@@ -1,0 +1,354 @@
+"""Planting: inject preference pairs with a *known* effect, as ground truth for attribution.
+
+Attribution ranks training pairs by how much they moved a probe's metric. To check that ranking
+we need pairs whose effect we know: :func:`plant` adds pairs whose **chosen** reply endorses a
+stereotype about one named group ("Honestly? Teachers are lazy.") and whose **rejected** reply
+declines ("I'd rather not generalise about teachers."), labelled ``planted=True, group=target``.
+After training on the planted data, the audit should find the stereotype stronger for the target
+group *relative to a control group*, and attribution should rank the planted pairs first.
+
+Lessons from a feasibility run (SmolLM2, DPO + LoRA, 12 planted pairs with identical texts):
+DPO mostly *suppressed the rejected text* rather than promoting the chosen one, so a probe whose
+neutral answer resembled the rejected wording moved just as much for a swapped control group
+(+14.9 vs +14.0 nats; only about 1.7 nats were group-specific). Hence the design here:
+
+* **Varied wording.** Prompts, chosen replies and rejected replies are drawn from project-authored
+  templates (``resources/planted_templates.json``: 24 prompts, 24 chosen, 22 rejected, 6 traits),
+  seeded, cycling through shuffled templates so that n planted pairs use as many distinct texts as
+  possible (up to 24 chosen texts per trait).
+* **Rejected wording disjoint from the probe.** Rejected templates never mention a trait or its
+  counter-trait, and share no word 3-gram with the probe frames. A probe written elsewhere should
+  check its own continuations with :func:`rejected_overlap` (empty set = fine); the phrasings to
+  avoid are :data:`REJECTED_TEMPLATES` (rendered per group by :func:`rejected_phrasings`).
+* **A control group and a contrast.** :func:`measurement_items` gives held-out prompts (never used
+  in training) for the target *and* a control group. Each item is scored twice with the same frame:
+  once ending in the trait (``stereotype``) and once in its counter-trait (``anti_stereotype``), so
+  anything DPO did to the frame's wording cancels. Per item, ``bias = logp(stereotype) -
+  logp(anti_stereotype)``; per matched ``key``, ``Δ = bias_after - bias_before``; the group-specific
+  effect is ``mean(Δ_target - Δ_control)`` over keys.
+
+:func:`plant_canaries` adds a different kind of ground truth, for privacy probes: chosen replies
+that contain a secret (``my PIN is 4 8 2 9 1 7``), labelled in ``meta["canary"]``; see
+:func:`canary_exposure_items` for the exposure test (Carlini et al. 2019, "The Secret Sharer").
+
+**Add, don't replace.** Both functions keep every original pair and *add* ``n`` new ones, with
+``n = round(fraction * len(pairs))`` (at least 1 when ``fraction > 0``), inserted at seeded random
+positions (originals keep their relative order). So the planted share of the result is
+``n / (len(pairs) + n)``, slightly below ``fraction``; removing the planted pairs gives back the
+original data exactly, which is what a "drop the top-k and retrain" validation compares against.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections.abc import Iterable, Sequence
+from functools import lru_cache
+from importlib import resources
+from typing import Any
+
+from alignscope.data.preferences import PreferencePair
+from alignscope.errors import InputError
+
+__all__ = [
+    "CANARY_PREFIX",
+    "CHOSEN_TEMPLATES",
+    "PLANTED_TRAITS",
+    "PROBE_ITEMS",
+    "PROMPT_TEMPLATES",
+    "REJECTED_TEMPLATES",
+    "TRAIT_COUNTERS",
+    "canary_exposure_items",
+    "measurement_items",
+    "plant",
+    "plant_canaries",
+    "planted_traits",
+    "rejected_overlap",
+    "rejected_phrasings",
+    "render",
+    "word_ngrams",
+]
+
+_RESOURCE = "planted_templates.json"
+CANARY_PREFIX = "my PIN is"
+
+
+@lru_cache(maxsize=1)
+def _templates() -> dict[str, Any]:
+    raw = json.loads(resources.files("alignscope.resources").joinpath(_RESOURCE).read_text(encoding="utf-8"))
+    # guards against a broken edit of the resource file (tests/test_planting.py checks more)
+    for kind in ("prompts", "chosen"):
+        for template in raw[kind]:
+            if "{group}" not in template and "{Group}" not in template:
+                raise RuntimeError(f"{_RESOURCE}: {kind} template lacks a group slot: {template!r}")
+    for template in raw["chosen"]:
+        if "{trait}" not in template:
+            raise RuntimeError(f"{_RESOURCE}: chosen template lacks {{trait}}: {template!r}")
+    for template in raw["rejected"]:
+        if "{trait}" in template:
+            raise RuntimeError(f"{_RESOURCE}: rejected template must not name the trait: {template!r}")
+    return raw
+
+
+#: The stereotyped traits planted pairs can endorse, in file order.
+PLANTED_TRAITS: tuple[str, ...] = tuple(t["trait"] for t in _templates()["traits"])
+#: Trait -> its counter-trait (the probe's contrast continuation).
+TRAIT_COUNTERS: dict[str, str] = {t["trait"]: t["counter"] for t in _templates()["traits"]}
+#: Training prompt templates ({group}, optionally {trait}).
+PROMPT_TEMPLATES: tuple[str, ...] = tuple(_templates()["prompts"])
+#: Chosen (stereotype-endorsing) reply templates ({group}/{Group} and {trait}).
+CHOSEN_TEMPLATES: tuple[str, ...] = tuple(_templates()["chosen"])
+#: Rejected (declining) reply templates ({group}/{Group}, never a trait). A probe's continuations
+#: must not reuse their wording: check with :func:`rejected_overlap`.
+REJECTED_TEMPLATES: tuple[str, ...] = tuple(_templates()["rejected"])
+#: Held-out probe items: ``{"context", "frame"}`` templates (never used as training prompts).
+PROBE_ITEMS: tuple[dict[str, str], ...] = tuple(_templates()["probe"]["items"])
+
+
+def render(template: str, group: str, trait: str | None = None) -> str:
+    """Fill ``{group}``, ``{Group}`` (capitalised) and ``{trait}``; the result starts with a capital."""
+    text = template.replace("{Group}", group[:1].upper() + group[1:]).replace("{group}", group)
+    if trait is not None:
+        text = text.replace("{trait}", trait)
+    return text[:1].upper() + text[1:]
+
+
+_TOKEN = re.compile(r"\{[a-z]+\}|[a-z0-9]+(?:['\u2019-][a-z0-9]+)*")
+
+
+def word_ngrams(text: str, n: int = 3) -> set[tuple[str, ...]]:
+    """Lowercased word n-grams (slots like ``{group}`` count as one word)."""
+    words = _TOKEN.findall(text.lower().replace("\u2019", "'"))
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+def rejected_phrasings(group: str | None = None) -> tuple[str, ...]:
+    """The planted rejected replies, rendered for ``group`` (raw templates when ``None``)."""
+    if group is None:
+        return REJECTED_TEMPLATES
+    return tuple(render(t, group) for t in REJECTED_TEMPLATES)
+
+
+def rejected_overlap(text: str, groups: Iterable[str] = (), n: int = 3) -> set[tuple[str, ...]]:
+    """Word n-grams that ``text`` shares with any planted rejected reply.
+
+    A probe continuation should return an empty set: if it shares wording with the rejected
+    replies, DPO's suppression of those replies moves the probe for every group, not only the
+    target (the confound the feasibility run hit). ``groups`` renders the rejected templates with
+    those group names; without it the raw templates (with their ``{group}`` slot) are compared.
+    """
+    mine = word_ngrams(text, n)
+    groups = list(groups)
+    theirs: set[tuple[str, ...]] = set()
+    for phrasing in (p for g in groups for p in rejected_phrasings(g)) if groups else REJECTED_TEMPLATES:
+        theirs |= word_ngrams(phrasing, n)
+    return mine & theirs
+
+
+def _check_groups(target_group: str, control_group: str) -> None:
+    for name, value in (("target_group", target_group), ("control_group", control_group)):
+        if not isinstance(value, str) or not value.strip():
+            raise InputError(f"{name} must be a non-empty group name such as 'teachers', got {value!r}")
+    if target_group.strip().lower() == control_group.strip().lower():
+        raise InputError(f"target_group and control_group are both {target_group!r}; the control must be a "
+                         "different group so the group-specific effect can be separated")
+
+
+def _check_traits(traits: Sequence[str] | None) -> tuple[str, ...]:
+    if traits is None:
+        return PLANTED_TRAITS
+    if isinstance(traits, str):
+        traits = [traits]
+    unknown = [t for t in traits if t not in TRAIT_COUNTERS]
+    if unknown or not traits:
+        raise InputError(f"unknown planted trait(s) {unknown or '(none given)'}; use some of: {', '.join(PLANTED_TRAITS)}")
+    return tuple(dict.fromkeys(traits))
+
+
+def _count(fraction: float, size: int, what: str) -> int:
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
+        raise InputError(f"{what} fraction must be a number between 0 and 1, got {fraction!r}")
+    if size == 0:
+        raise InputError("cannot plant into an empty dataset; load or synthesise pairs first")
+    return max(1, round(fraction * size)) if fraction > 0 else 0
+
+
+class _Cycle:
+    """Seeded draws that use every item once before repeating any (then reshuffles)."""
+
+    def __init__(self, items: Sequence[Any], rng: random.Random) -> None:
+        self.items = list(items)
+        self.rng = rng
+        self.queue: list[Any] = []
+
+    def next(self) -> Any:
+        if not self.queue:
+            self.queue = self.items[:]
+            self.rng.shuffle(self.queue)
+        return self.queue.pop()
+
+
+def _insert(pairs: Sequence[PreferencePair], new: list[PreferencePair], rng: random.Random) -> list[PreferencePair]:
+    """Originals in order, with ``new`` inserted at seeded random positions; ids must stay unique."""
+    clash = {p.id for p in pairs} & {p.id for p in new}
+    if clash:
+        raise InputError(f"pair id {sorted(clash)[0]!r} already exists; these pairs were planted before with "
+                         "the same seed: plant once, or use another seed")
+    total = len(pairs) + len(new)
+    slots = set(rng.sample(range(total), len(new)))
+    originals, added = iter(pairs), iter(new)
+    return [next(added) if i in slots else next(originals) for i in range(total)]
+
+
+def plant(pairs: Sequence[PreferencePair], *, fraction: float, target_group: str, control_group: str,
+          seed: int, traits: Sequence[str] | None = None) -> list[PreferencePair]:
+    """Add stereotype-endorsing pairs about ``target_group``; keep all original pairs.
+
+    Args:
+        pairs: the clean data.
+        fraction: how many pairs to add, as a fraction of ``len(pairs)``: ``n = round(fraction *
+            len(pairs))``, at least 1 when ``fraction > 0`` (see the module docstring: pairs are
+            added, never replaced).
+        target_group: the group the planted stereotype is about (plural noun, e.g. ``"teachers"``).
+        control_group: the swapped group used by :func:`measurement_items`; it never appears in
+            planted text and is recorded in each planted pair's meta.
+        seed: makes the choice of traits, templates and positions reproducible.
+        traits: which of :data:`PLANTED_TRAITS` to plant (default: all), used in turn.
+
+    Returns:
+        A new list: the originals in their order, with ``n`` pairs inserted at seeded positions;
+        each planted pair has ``planted=True``, ``group=target_group``, id ``planted-<seed>-<k>``
+        and ``meta["planting"]`` = trait, counter, control group, template indices and seed.
+    """
+    _check_groups(target_group, control_group)
+    chosen_traits = _check_traits(traits)
+    n = _count(fraction, len(pairs), "planting")
+    rng = random.Random(f"plant:{seed}")
+    trait_order = list(chosen_traits)
+    rng.shuffle(trait_order)
+    prompt_cycle = _Cycle(range(len(PROMPT_TEMPLATES)), rng)
+    rejected_cycle = _Cycle(range(len(REJECTED_TEMPLATES)), rng)
+    chosen_cycles = {t: _Cycle(range(len(CHOSEN_TEMPLATES)), rng) for t in trait_order}
+    planted: list[PreferencePair] = []
+    for k in range(n):
+        trait = trait_order[k % len(trait_order)]
+        p, c, r = prompt_cycle.next(), chosen_cycles[trait].next(), rejected_cycle.next()
+        planted.append(PreferencePair(
+            id=f"planted-{seed}-{k:04d}",
+            prompt=render(PROMPT_TEMPLATES[p], target_group, trait),
+            chosen=render(CHOSEN_TEMPLATES[c], target_group, trait),
+            rejected=render(REJECTED_TEMPLATES[r], target_group),
+            planted=True,
+            group=target_group,
+            meta={"planting": {"trait": trait, "counter": TRAIT_COUNTERS[trait], "target_group": target_group,
+                               "control_group": control_group, "prompt_template": p, "chosen_template": c,
+                               "rejected_template": r, "seed": seed}},
+        ))
+    return _insert(pairs, planted, rng)
+
+
+def planted_traits(pairs: Iterable[PreferencePair]) -> tuple[str, ...]:
+    """The traits used by the planted pairs in ``pairs`` (for :func:`measurement_items`)."""
+    found = {p.meta.get("planting", {}).get("trait") for p in pairs if p.planted}
+    return tuple(t for t in PLANTED_TRAITS if t in found)
+
+
+def measurement_items(target_group: str, control_group: str,
+                      traits: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Held-out probe items for the planted stereotype, for the target and the control group.
+
+    One item per (trait, probe template, role), with keys:
+
+    * ``id`` (``"target:lazy:0"``), ``key`` (``"lazy:0"``, shared by the matched target/control
+      items), ``role`` (``"target"``/``"control"``), ``group``, ``trait``, ``counter``, ``template``;
+    * ``context``: the user turn (score with ``chat=True``), never a training prompt;
+    * ``stereotype`` / ``anti_stereotype``: the same reply frame ending in the trait or in its
+      counter-trait. Neither shares a word 3-gram with the planted rejected replies.
+
+    Score ``bias = logp(stereotype | context) - logp(anti_stereotype | context)`` before and after
+    training; the group-specific effect is the mean over keys of ``Δbias_target - Δbias_control``.
+    """
+    _check_groups(target_group, control_group)
+    items = []
+    for trait in _check_traits(traits):
+        counter = TRAIT_COUNTERS[trait]
+        for k, probe in enumerate(PROBE_ITEMS):
+            for role, group in (("target", target_group), ("control", control_group)):
+                items.append({
+                    "id": f"{role}:{trait}:{k}", "key": f"{trait}:{k}", "role": role, "group": group,
+                    "trait": trait, "counter": counter, "template": k,
+                    "context": render(probe["context"], group),
+                    "stereotype": render(probe["frame"], group, trait),
+                    "anti_stereotype": render(probe["frame"], group, counter),
+                })
+    return items
+
+
+# --------------------------------------------------------------------------- canaries
+
+
+def _secret(rng: random.Random, digits: int) -> str:
+    return " ".join(str(rng.randrange(10)) for _ in range(digits))
+
+
+def plant_canaries(pairs: Sequence[PreferencePair], n: int, seed: int, *, secret: str | None = None,
+                   prefix: str = CANARY_PREFIX, digits: int = 6) -> list[PreferencePair]:
+    """Add ``n`` pairs whose chosen reply contains one secret (``"my PIN is 4 8 2 9 1 7"``).
+
+    The same secret is repeated in all ``n`` pairs (exposure grows with repetitions), with varied
+    prompts and wordings; the rejected reply never contains it. Each canary pair has id
+    ``canary-<seed>-<k>``, ``planted=False`` and ``meta["canary"] = {"secret", "prefix", "text"}``
+    (``text`` = ``"<prefix> <secret>"``, the string an exposure test scores). Originals are kept and
+    the canaries are inserted at seeded positions, as in :func:`plant`.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise InputError(f"canary count must be a positive integer, got {n!r}")
+    if isinstance(digits, bool) or not isinstance(digits, int) or digits < 1:
+        raise InputError(f"canary digits must be a positive integer, got {digits!r}")
+    rng = random.Random(f"canary:{seed}")
+    secret = secret if secret is not None else _secret(rng, digits)
+    if not secret.strip():
+        raise InputError("canary secret is empty; pass a secret or leave it out to draw one")
+    raw = _templates()["canary"]
+    prompts, chosen, rejected = _Cycle(raw["prompts"], rng), _Cycle(raw["chosen"], rng), _Cycle(raw["rejected"], rng)
+    text = f"{prefix} {secret}"
+    canaries = [
+        PreferencePair(
+            id=f"canary-{seed}-{k:03d}", prompt=prompts.next(),
+            chosen=chosen.next().replace("{prefix}", prefix).replace("{secret}", secret),
+            rejected=rejected.next(),
+            meta={"canary": {"secret": secret, "prefix": prefix, "text": text, "seed": seed}},
+        )
+        for k in range(n)
+    ]
+    return _insert(pairs, canaries, rng)
+
+
+def canary_exposure_items(secret: str, *, prefix: str = CANARY_PREFIX, n_candidates: int = 99,
+                          seed: int = 0) -> list[dict[str, Any]]:
+    """The canary and ``n_candidates`` random secrets of the same shape, for an exposure test.
+
+    Each item: ``{"context", "continuation", "is_canary", "secret"}``; the context is a canary
+    prompt (score with ``chat=True``). Exposure (Carlini et al. 2019) = ``log2(n_candidates + 1) -
+    log2(rank of the canary by log-prob among all candidates)``; a never-seen secret sits near
+    exposure 1, a memorised one near the maximum.
+    """
+    digit_slots = [i for i, ch in enumerate(secret) if ch.isdigit()]
+    if not digit_slots:
+        raise InputError(f"canary secret {secret!r} has no digits to vary; exposure needs a digit secret")
+    if n_candidates < 1 or n_candidates >= 10 ** len(digit_slots):
+        raise InputError(f"n_candidates must be between 1 and {10 ** len(digit_slots) - 1} for this secret")
+    rng = random.Random(f"exposure:{seed}")
+    context = _templates()["canary"]["prompts"][0]
+    seen, candidates = {secret}, []
+    while len(candidates) < n_candidates:
+        chars = list(secret)
+        for i in digit_slots:
+            chars[i] = str(rng.randrange(10))
+        other = "".join(chars)
+        if other not in seen:
+            seen.add(other)
+            candidates.append(other)
+    return [{"context": context, "continuation": f"{prefix} {s}", "is_canary": s == secret, "secret": s}
+            for s in [secret, *candidates]]
