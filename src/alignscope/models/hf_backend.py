@@ -45,7 +45,8 @@ class _Row:
 
     @property
     def length(self) -> int:
-        return len(self.prefix) + sum(len(m.continuation) for m in self.members)
+        """Tokens fed to the model: a continuation's last token predicts nothing, so it is not input."""
+        return len(self.prefix) + sum(len(m.continuation) - 1 for m in self.members)
 
 
 class HFBackend:
@@ -64,6 +65,7 @@ class HFBackend:
         self._head = base.get_output_embeddings()
         text_config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
         self._softcap = getattr(text_config, "final_logit_softcapping", None)
+        self._context_cache: dict[tuple[str, bool], list[int]] = {}
 
     # ------------------------------------------------------------------ tokenisation
     def context_text(self, context: str, chat: bool, system: str | None) -> str:
@@ -84,6 +86,15 @@ class HFBackend:
         # The chat template already spells out special tokens; adding them again would double BOS.
         return self.lm.tokenizer(text, add_special_tokens=not chat)["input_ids"]
 
+    def _context_ids(self, text: str, chat: bool) -> list[int]:
+        """Context tokenisation, memoised: probes put dozens of continuations after one context."""
+        key = (text, chat)
+        if key not in self._context_cache:
+            if len(self._context_cache) > 100_000:
+                self._context_cache.clear()
+            self._context_cache[key] = self._ids(text, chat)
+        return self._context_cache[key]
+
     def encode_score(self, index: int, req: ScoreRequest) -> _Encoded:
         """Continuation tokens = tokens of (context + continuation) minus the context's tokens.
 
@@ -96,7 +107,7 @@ class HFBackend:
         stripped = context.rstrip(" ")
         continuation = context[len(stripped):] + continuation
         context = stripped
-        ctx_ids = self._ids(context, req.chat)
+        ctx_ids = self._context_ids(context, req.chat)
         whole = self._ids(context + continuation, req.chat)
         shared = 0
         for a, b in zip(ctx_ids, whole):
@@ -125,7 +136,7 @@ class HFBackend:
         for prefix, members in groups.items():
             row = _Row(prefix, [])
             for enc in members:
-                if row.members and row.length + len(enc.continuation) > limit:
+                if row.members and row.length + len(enc.continuation) - 1 > limit:
                     rows.append(row)
                     row = _Row(prefix, [])
                 row.members.append(enc)
@@ -180,13 +191,15 @@ class HFBackend:
             segment[b, :p] = 0
             cursor = p
             for seg, enc in enumerate(row.members, start=1):
-                c = len(enc.continuation)
-                input_ids[b, cursor:cursor + c] = torch.tensor(enc.continuation)
-                positions[b, cursor:cursor + c] = torch.arange(p, p + c)
-                segment[b, cursor:cursor + c] = seg
-                predictors = [p - 1] + list(range(cursor, cursor + c - 1))
-                spans.append((enc, len(targets), len(targets) + c))
-                rows_idx += [b] * c
+                fed = enc.continuation[:-1]  # inputs; the final token is only a target
+                c = len(fed)
+                if c:
+                    input_ids[b, cursor:cursor + c] = torch.tensor(fed)
+                    positions[b, cursor:cursor + c] = torch.arange(p, p + c)
+                    segment[b, cursor:cursor + c] = seg
+                predictors = [p - 1] + list(range(cursor, cursor + c))
+                spans.append((enc, len(targets), len(targets) + len(enc.continuation)))
+                rows_idx += [b] * len(predictors)
                 pos_idx += predictors
                 targets += enc.continuation
                 cursor += c
@@ -195,13 +208,20 @@ class HFBackend:
             input_ids=input_ids.to(device), attention_mask=mask.to(device),
             position_ids=positions.to(device), use_cache=False,
         ).last_hidden_state
-        picked = hidden[torch.tensor(rows_idx, device=device), torch.tensor(pos_idx, device=device)]
+        # Many targets share a predicting position (every first token after a context): run the
+        # LM head once per distinct position, then index.
+        flat = torch.tensor(rows_idx) * width + torch.tensor(pos_idx)
+        unique, inverse = torch.unique(flat, return_inverse=True)
+        picked = hidden.reshape(n * width, -1)[unique.to(device)]
         logits = self._head(picked).float()
         if self._softcap:
             logits = torch.tanh(logits / self._softcap) * self._softcap
+        lse = torch.logsumexp(logits, dim=-1)
+        best = logits.argmax(dim=-1)
+        inverse = inverse.to(device)
         target = torch.tensor(targets, device=device)
-        token_lp = logits.gather(1, target[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
-        greedy = logits.argmax(dim=-1) == target
+        token_lp = logits[inverse, target] - lse[inverse]
+        greedy = best[inverse] == target
         token_lp_list = token_lp.cpu().tolist()
         greedy_list = greedy.cpu().tolist()
         out = []
