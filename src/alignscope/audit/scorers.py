@@ -11,8 +11,10 @@ Registered scorers:
 * ``profanity`` (default) -- ``alt-profanity-check``: a linear SVM on bag-of-words features,
   calibrated to a probability. Fast and offline, but lexical: it catches profanity, not subtle
   toxicity (insults without swear words, identity attacks, threats).
-* ``hatesonar`` -- HateSonar's ONNX logistic-regression model (Davidson et al. 2017 data); the
-  score is 1 - P(neither), i.e. P(hate speech) + P(offensive language). Optional package.
+* ``hatesonar`` -- HateSonar's ONNX logistic-regression model (Davidson et al. 2017 tweets, most
+  of them offensive); the score is 1 - P(neither), i.e. P(hate speech) + P(offensive language).
+  Its base rate is high: plain neutral text scores about 0.3. Optional package
+  (``pip install hatesonar`` brings onnxruntime and, through skl2onnx, onnx).
 * ``vader`` -- VADER sentiment; the score is negativity ``max(0, -compound)`` (neutral and
   positive text score 0). Not a toxicity classifier: for code that wants a sentiment signal.
 * ``detoxify`` and ``perspective`` -- registered only when their packages are importable.

