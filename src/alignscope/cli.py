@@ -89,7 +89,8 @@ def audit_cmd(
     out: OutOpt,
     model: ModelOpt = "smollm2-135m",
     adapter: AdapterOpt = None,
-    probes: Annotated[str, typer.Option(help="Comma-separated probe names (see `probes list`), or 'all'.")] = "all",
+    probes: Annotated[str, typer.Option(
+        help="Comma-separated probe names (see `probes list`), or 'all' (every probe with embedded data).")] = "all",
     limit: Annotated[Optional[int], typer.Option(help="Items per probe (seeded subset) for quick runs.")] = None,
     data: Annotated[Optional[list[str]], typer.Option(help="PROBE=PATH: run a probe on your own file.")] = None,
     seed: int = 0,
@@ -100,7 +101,8 @@ def audit_cmd(
     from alignscope.audit.runner import audit, available_probes, parse_data_overrides, parse_probe_names
     from alignscope.models import Engine, load
 
-    names = parse_probe_names(list(available_probes()) if probes == "all" else probes)
+    defaults = [n for n, p in available_probes().items() if not p.requires_data]
+    names = parse_probe_names(defaults if probes == "all" else probes)
     overrides = parse_data_overrides(data or [], names)
     if limit is not None and limit < 1:
         raise InputError(f"--limit {limit}: must be a positive number of items")

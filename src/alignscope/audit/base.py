@@ -72,7 +72,8 @@ class Metric:
 
     def metadata(self) -> dict[str, Any]:
         return {"name": self.name, "column": self.column, "description": self.description,
-                "unit": self.unit, "range": list(self.range), "direction": self.direction,
+                "unit": self.unit,
+                "range": [v if np.isfinite(v) else None for v in self.range],  # JSON has no Infinity "direction": self.direction,
                 "ideal": self.ideal, "statistic": self.statistic.__name__, "binary": self.binary}
 
 
@@ -102,6 +103,7 @@ class Probe(ABC):
     description: ClassVar[str]
     metrics: ClassVar[tuple[Metric, ...]]
     data_formats: ClassVar[str] = "embedded default only"
+    requires_data: ClassVar[bool] = False  # no embedded default: runs only with --data
 
     def __init__(self, **options: Any) -> None:
         self.options = options

@@ -70,6 +70,8 @@ def audit(engine: Engine, probes: Sequence[str], out: Path, *, limit: int | None
     done: dict[str, Artefact] = {}
     for name in tqdm(probes, desc="audit", unit="probe", disable=not engine.progress):
         probe = registry[name](**options.get(name, {}))
+        if probe.requires_data and name not in data:
+            raise InputError(f"probe {name} has no embedded data; pass --data {name}=PATH ({probe.data_formats})")
         inputs = {
             "stage": "audit", "probe": probe.config(), "model": engine.lm.fingerprint,
             "model_spec": engine.lm.spec, "adapter": engine.lm.adapter, "limit": limit, "seed": seed,
