@@ -146,6 +146,30 @@ def compare_cmd(
             typer.echo(f"  -> {path}")
 
 
+@app.command("align")
+def align_cmd(
+    out: OutOpt,
+    data: Annotated[Optional[str], typer.Option(
+        help="Preference data: .jsonl/.json/.csv/.parquet (HH-RLHF, TRL or UltraFeedback style) or a hub id.")] = None,
+    model: ModelOpt = "smollm2-135m",
+    method: Annotated[Optional[str], typer.Option(
+        help="sft, dpo, ipo, orpo, kto, simpo or rloo (optional when --config lists stages).")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="Stage YAML (one stage, or `stages: [...]`).")] = None,
+    init_adapter: Annotated[Optional[Path], typer.Option(help="Adapter to start from (merged first).")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Override the steps of every stage.")] = None,
+    epochs: Annotated[Optional[float], typer.Option(help="Override the epochs of every stage.")] = None,
+    seed: int = 0,
+) -> None:
+    """Align a model with a TRL recipe (LoRA by default); multi-stage recipes chain merged stages."""
+    from alignscope.align.stage import align_command
+
+    if method is None and config is None:
+        raise InputError("align needs --method (sft, dpo, ipo, orpo, kto, simpo, rloo) or a --config with stages")
+    path = align_command(model, method, data, out, config=config, init_adapter=init_adapter,
+                         max_steps=max_steps, epochs=epochs, seed=seed)
+    typer.echo(f"aligned -> {path}")
+
+
 def main() -> None:
     """Console entry point: map user errors to one line and exit code 2.
 

@@ -1,0 +1,265 @@
+"""Training stages on the tiny Llama: every method trains, DPO learns an easy preference, reruns are
+cache hits, seeds repeat, the reference cache equals TRL's own numbers, NaN stops cleanly, an
+interrupted stage resumes, stages chain (merged), and config typos are named.
+
+Sequences are kept short (a one-line system prompt replaces SmolLM2's long default) because the
+tiny model's cost is dominated by its 49k-token vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from alignscope.align import (
+    StageConfig,
+    StageFailed,
+    StageResult,
+    align_command,
+    load_stage_config,
+    parse_stages,
+    read_reference,
+    stage_reference,
+    train_stage,
+)
+from alignscope.data.preferences import PreferencePair, to_trl_rows, write_preferences
+from alignscope.errors import InputError
+
+SYSTEM = {"role": "system", "content": "Be brief."}
+TOPICS = ["tea", "rain", "maps", "bread", "chess", "moss", "kites", "owls", "jazz", "salt", "ice", "clay"]
+
+
+def easy_pairs(n: int = 8, long_rejected: bool = False) -> list[PreferencePair]:
+    """Chosen is always the same short phrase; rejected varies. An easy, learnable preference."""
+    pairs = [PreferencePair(id=f"p{i}", prompt=(SYSTEM, {"role": "user", "content": f"Tell me about {TOPICS[i]}."}),
+                            chosen="Sure thing.", rejected=f"No, {TOPICS[i]} is dull.")
+             for i in range(n)]
+    if long_rejected:  # one pair whose rejected reply is cut by max_length (counted in the summary)
+        pairs[-1] = PreferencePair(id=pairs[-1].id, prompt=pairs[-1].prompt, chosen="Sure thing.",
+                                   rejected=" ".join(["blah"] * 60))
+    return pairs
+
+
+def stage(**kw) -> StageConfig:
+    base = dict(max_steps=1, per_device_train_batch_size=2, max_length=40, dtype="float32",
+                learning_rate=1e-3, save_steps=50)
+    base.update(kw)
+    return StageConfig(**base)
+
+
+def log_lines(result) -> list[dict]:
+    return [json.loads(x) for x in (result.path / "logs.jsonl").read_text().splitlines()]
+
+
+def adapter_tensors(result) -> dict[str, torch.Tensor]:
+    return load_file(str(result.adapter / "adapter_model.safetensors"))
+
+
+# ------------------------------------------------------------------ every method
+
+
+@pytest.mark.parametrize("method", ["sft", "ipo", "orpo", "kto", "simpo", "rloo"])
+def test_each_method_trains_with_a_finite_loss(method, tiny_model_dir, tmp_path):
+    extra = {"reward": "length", "max_completion_length": 4} if method == "rloo" else {}
+    result = train_stage(str(tiny_model_dir), stage(method=method, **extra), easy_pairs(4), tmp_path)
+    summary = result.summary
+    assert summary["method"] == method and summary["steps"] == 1
+    assert math.isfinite(summary["final_loss"])
+    assert (result.adapter / "adapter_config.json").exists() and result.model_dir is None
+    logs = log_lines(result)
+    assert logs[0]["step"] == 1 and "loss" in logs[0] and "learning_rate" in logs[0]
+    if method == "kto":
+        assert "kl" in logs[0]  # KL is logged where TRL computes it
+        assert summary["n_examples"] == 8  # each pair gives a desirable and an undesirable example
+    if method == "ipo":
+        assert summary["config"]["loss_type"] is None and result.summary["reference"]["cache_hit"] is False
+
+
+# ------------------------------------------------------------------ DPO: learns, caches, matches TRL
+
+
+@pytest.fixture(scope="module")
+def dpo_run(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dpo-run")
+    pairs = easy_pairs(8, long_rejected=True)
+    cfg = stage(method="dpo", max_steps=6, learning_rate=2e-3, beta=0.5, precompute_ref_batch_size=3)
+    return out, pairs, cfg, train_stage(str(tiny_model_dir), cfg, pairs, out)
+
+
+def test_dpo_loss_decreases_on_an_easy_set(dpo_run):
+    _, _, _, result = dpo_run
+    logs = [x for x in log_lines(result) if "loss" in x]
+    assert [x["step"] for x in logs] == [1, 2, 3, 4, 5, 6]
+    assert logs[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference at step 1
+    assert logs[-1]["loss"] < logs[0]["loss"] - 0.02
+    assert logs[-1]["rewards/margins"] > 0 and "rewards/accuracies" in logs[-1]
+    summary = result.summary
+    assert summary["n_truncated"] == 1 and summary["n_prompt_too_long"] == 0
+    assert summary["pairs_per_s"] > 0 and summary["train_time_s"] > 0
+    assert summary["reference"]["cache_hit"] is False
+    for key in ("method", "steps", "final_loss", "config", "base_fingerprint", "data_fingerprint"):
+        assert summary[key] is not None
+
+
+def test_rerun_is_a_cache_hit_without_training(dpo_run, tiny_model_dir, monkeypatch):
+    out, pairs, cfg, first = dpo_run
+    import alignscope.align.recipes as recipes
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished stage must not build a trainer again")
+
+    monkeypatch.setattr(recipes, "build_trainer", no_training)
+    again = train_stage(str(tiny_model_dir), cfg, pairs, out)
+    assert again.cached and again.path == first.path
+    # log/checkpoint settings are not part of the key
+    assert train_stage(str(tiny_model_dir), cfg.model_copy(update={"logging_steps": 5}), pairs, out).cached
+
+
+def test_reference_cache_equals_trls_own_reference(dpo_run, tiny_model_dir, tmp_path):
+    """Our stored values vs (a) TRL's stock precompute and (b) TRL's in-step reference (step-1 rewards)."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import DPOConfig, DPOTrainer
+
+    from alignscope.models import load
+
+    _, pairs, cfg, result = dpo_run
+    ours = stage_reference(result.path).set_index("id")
+    assert read_reference(result.path.parents[1] / result.summary["reference"]["path"]).shape[0] == len(pairs)
+    fresh = load(str(tiny_model_dir), dtype="float32", device="cpu")  # TRL wraps it with LoRA in place
+    args = DPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, max_length=cfg.max_length,
+                     precompute_ref_log_probs=True, precompute_ref_batch_size=2, per_device_train_batch_size=2,
+                     activation_checkpointing=False, report_to="none")
+    trainer = DPOTrainer(model=fresh.model, args=args, train_dataset=Dataset.from_list(to_trl_rows(pairs)),
+                         processing_class=fresh.tokenizer,
+                         peft_config=LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                                task_type="CAUSAL_LM"))
+    theirs = trainer.train_dataset.to_pandas().set_index("id")
+    for column in ("ref_chosen_logps", "ref_rejected_logps"):
+        assert ours.loc[theirs.index, column].tolist() == pytest.approx(theirs[column].tolist(), abs=1e-4)
+    assert bool(ours.loc["p7", "truncated"]) and not ours.drop(index="p7")["truncated"].any()
+    # In-step check: at step 1 the policy equals the reference, so TRL's rewards computed against our
+    # cached values must be zero.
+    first = log_lines(result)[0]
+    assert first["rewards/chosen"] == pytest.approx(0, abs=1e-5)
+    assert first["rewards/rejected"] == pytest.approx(0, abs=1e-5)
+
+
+def test_full_finetuning_saves_weights_and_uses_the_cache(tiny_model_dir, tmp_path):
+    from alignscope.models import load
+
+    result = train_stage(str(tiny_model_dir), stage(method="dpo", finetune="full", learning_rate=1e-4),
+                         easy_pairs(4), tmp_path)
+    assert result.adapter is None and (result.model_dir / "config.json").exists()
+    first = log_lines(result)[0]
+    assert first["rewards/chosen"] == pytest.approx(0, abs=1e-5)  # cached reference = initial weights
+    trained = result.load(dtype="float32", device="cpu")
+    assert trained.fingerprint != load(str(tiny_model_dir), dtype="float32").fingerprint
+
+
+def test_same_seed_gives_the_same_adapter(tiny_model_dir, tmp_path):
+    pairs = easy_pairs(4)
+    cfg = stage(method="dpo", max_steps=2, precompute_ref_log_probs=False)  # TRL's own reference path
+    a = train_stage(str(tiny_model_dir), cfg, pairs, tmp_path / "a")
+    b = train_stage(str(tiny_model_dir), cfg, pairs, tmp_path / "b")
+    ta, tb = adapter_tensors(a), adapter_tensors(b)
+    assert ta.keys() == tb.keys() and len(ta) > 0
+    for name in ta:
+        assert torch.equal(ta[name], tb[name]), name
+    assert any(t.abs().sum() > 0 for n, t in ta.items() if "lora_B" in n)  # it did train
+
+
+# ------------------------------------------------------------------ failure, interruption, chaining
+
+
+class _PoisonAfter(TrainerCallback):
+    """From the given step on, the embeddings output NaN, so the next loss is NaN."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.step:
+            model.get_input_embeddings().register_forward_hook(lambda m, i, o: o * float("nan"))
+
+
+def test_nan_loss_stops_the_stage_and_keeps_the_last_good_checkpoint(tiny_model_dir, tmp_path):
+    with pytest.raises(StageFailed) as info:
+        train_stage(str(tiny_model_dir), stage(method="dpo", max_steps=4, save_steps=1), easy_pairs(4),
+                    tmp_path, callbacks=[_PoisonAfter(2)])
+    message = str(info.value)
+    assert "nan" in message and "step 3" in message and "checkpoint-2" in message
+    [work] = list((tmp_path / ".work" / "align").iterdir())
+    assert (work / "checkpoint-2" / "adapter_model.safetensors").exists()
+    assert not (work / "checkpoint-3").exists()
+    assert [json.loads(x)["step"] for x in (work / "logs.jsonl").read_text().splitlines()] == [1, 2]
+    assert not any((tmp_path / "align").glob("*/.done"))  # no finished-looking artefact
+
+
+class _Interrupt(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 2:
+            raise KeyboardInterrupt
+
+
+def test_interrupted_stage_resumes_from_its_last_checkpoint(tiny_model_dir, tmp_path):
+    cfg = stage(method="simpo", max_steps=3, save_steps=1)
+    with pytest.raises(KeyboardInterrupt):
+        train_stage(str(tiny_model_dir), cfg, easy_pairs(4), tmp_path, callbacks=[_Interrupt()])
+    result = train_stage(str(tiny_model_dir), cfg, easy_pairs(4), tmp_path)
+    assert not result.cached and result.summary["resumed_from_step"] == 1
+    assert result.summary["steps"] == 3
+    assert [x["step"] for x in log_lines(result) if "loss" in x] == [1, 2, 3]
+    assert not (tmp_path / ".work" / "align" / result.key).exists()  # checkpoints cleaned up
+
+
+def test_sft_then_dpo_chains_through_the_merged_model(tiny_model_dir, tmp_path):
+    from alignscope.models import load
+
+    data = write_preferences(easy_pairs(4), tmp_path / "pairs.jsonl")
+    config = tmp_path / "recipe.yaml"
+    config.write_text("stages:\n"
+                      "  - {method: sft, learning_rate: 1.0e-3, per_device_train_batch_size: 2, max_length: 40,"
+                      " dtype: float32}\n"
+                      "  - {method: dpo, learning_rate: 1.0e-3, per_device_train_batch_size: 2, max_length: 40,"
+                      " dtype: float32}\n")
+    final = StageResult.from_dir(align_command(str(tiny_model_dir), None, data, tmp_path / "run", config=config,
+                                               max_steps=1))
+    summary = final.summary
+    assert summary["method"] == "dpo" and summary["start_model_in_run"].startswith("merged/")
+    merged = load(final.start_model, dtype="float32", device="cpu")
+    assert merged.fingerprint == summary["base_fingerprint"]  # stage 2 (and its reference) start at SFT merged
+    assert merged.fingerprint != load(str(tiny_model_dir), dtype="float32").fingerprint
+    ref = json.loads((tmp_path / "run" / summary["reference"]["path"] / "inputs.json").read_text())
+    assert ref["reference"] == merged.fingerprint
+    with pytest.raises(InputError, match="omit --method"):
+        align_command(str(tiny_model_dir), "kto", data, tmp_path / "run", config=config)
+
+
+# ------------------------------------------------------------------ configuration
+
+
+def test_unknown_config_key_is_named(tmp_path):
+    path = tmp_path / "stage.yaml"
+    path.write_text("method: dpo\nlearning_rat: 1.0e-4\n")
+    with pytest.raises(InputError, match=r"'learning_rat'.*did you mean 'learning_rate'"):
+        load_stage_config(path)
+    path.write_text("stages:\n  - method: sft\n  - method: dpo\n    lora: {rank: 4}\n")
+    with pytest.raises(InputError, match=r"'rank' in stages.1.lora.*did you mean 'r'"):
+        load_stage_config(path)
+    with pytest.raises(InputError, match="trl.bogus_flag: not an argument of DPOConfig"):
+        from alignscope.align.recipes import check_trl_passthrough
+
+        check_trl_passthrough(parse_stages({"method": "dpo", "trl": {"bogus_flag": 1}})[0])
+    with pytest.raises(InputError, match="not a TRL DPO loss"):
+        parse_stages({"method": "dpo", "loss_type": "sigmoidd"})
+    ok = parse_stages({"method": "dpo", "loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5],
+                       "trl": {"ld_alpha": 0.5}})[0]
+    assert ok.resolved("loss_type") == ["sigmoid", "sft"]
+    assert StageConfig(method="ipo").resolved("loss_type") == ["ipo"]
+    assert StageConfig(method="sft", finetune="full").resolved("learning_rate") == pytest.approx(2e-5)
