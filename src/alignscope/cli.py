@@ -5,8 +5,11 @@ Bad input never shows a traceback: ``InputError`` becomes one line on stderr and
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -108,7 +111,8 @@ def audit_cmd(
         raise InputError(f"--limit {limit}: must be a positive number of items")
     lm = load(model, adapter=adapter, dtype=dtype)
     engine = Engine(lm, batch_tokens=batch_tokens)
-    done = audit(engine, names, out, limit=limit, data=overrides, seed=seed)
+    with _no_empty_run_dir(out):
+        done = audit(engine, names, out, limit=limit, data=overrides, seed=seed)
     _print_audit(done)
 
 
@@ -165,9 +169,23 @@ def align_cmd(
 
     if method is None and config is None:
         raise InputError("align needs --method (sft, dpo, ipo, orpo, kto, simpo, rloo) or a --config with stages")
-    path = align_command(model, method, data, out, config=config, init_adapter=init_adapter,
-                         max_steps=max_steps, epochs=epochs, seed=seed)
+    with _no_empty_run_dir(out):
+        path = align_command(model, method, data, out, config=config, init_adapter=init_adapter,
+                             max_steps=max_steps, epochs=epochs, seed=seed)
     typer.echo(f"aligned -> {path}")
+
+
+@contextlib.contextmanager
+def _no_empty_run_dir(out: Path) -> Iterator[None]:
+    """If a command fails on bad input, remove the run directory it created unless it already
+    holds finished artefacts (those stay: a rerun resumes from them)."""
+    existed = Path(out).exists()
+    try:
+        yield
+    except InputError:
+        if not existed and Path(out).is_dir() and not (Path(out) / "manifest.json").exists():
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def main() -> None:
