@@ -23,9 +23,10 @@ $(STAMP): pyproject.toml requirements.lock requirements-nodeps.txt requirements-
 	$(PIP) install -q --no-deps -e .
 	touch $(STAMP)
 
-# The main job: the best end-to-end command that exists (becomes `alignscope study`).
+# The main job: the best end-to-end command that exists until `alignscope study` lands:
+# the full default audit of the embedded model (every probe with embedded data).
 study: setup
-	$(VENV)/bin/alignscope score --model smollm2-135m --requests examples/requests.jsonl --out $(RUN)
+	$(VENV)/bin/alignscope audit --model smollm2-135m --out $(RUN)/base
 
 # The whole suite, including integration tests on the real SmolLM2.
 test: setup
