@@ -72,8 +72,8 @@ class Metric:
 
     def metadata(self) -> dict[str, Any]:
         return {"name": self.name, "column": self.column, "description": self.description,
-                "unit": self.unit,
-                "range": [v if np.isfinite(v) else None for v in self.range],  # JSON has no Infinity "direction": self.direction,
+                "unit": self.unit, "direction": self.direction,
+                "range": [v if np.isfinite(v) else None for v in self.range],  # JSON has no Infinity
                 "ideal": self.ideal, "statistic": self.statistic.__name__, "binary": self.binary}
 
 
