@@ -23,13 +23,18 @@ $(STAMP): pyproject.toml requirements.lock requirements-nodeps.txt requirements-
 	$(PIP) install -q --no-deps -e .
 	touch $(STAMP)
 
-# The main job: the best end-to-end command that exists until `alignscope study` lands:
-# the full default audit of the embedded model (every probe with embedded data).
+# The main job: the embedded default study (base model -> planted on-policy data -> DPO -> audits
+# -> compare -> attribution -> curated re-alignment -> HTML report). Rerunning resumes.
 study: setup
-	$(VENV)/bin/alignscope audit --model smollm2-135m --out $(RUN)/base
+	$(VENV)/bin/alignscope study --out $(RUN)
 
-# The whole suite, including integration tests on the real SmolLM2.
-test: setup
+# Debian's Chromium for the browser test (a test tool's own browser download cannot work offline).
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+browser:
+	@command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium; }
+
+# The whole suite, including integration tests on the real SmolLM2 and the browser test.
+test: setup browser
 	$(VENV)/bin/python -m pytest -q
 
 # Inner loop: unit tests on the tiny model only.

@@ -4,6 +4,7 @@ from alignscope.audit.probes import (  # noqa: F401
     agreement,
     ethics,
     guise,
+    planted,
     privacy,
     refusal,
     stereo_pairs,

