@@ -5,6 +5,7 @@ Layout (``RUN`` is ``--out``)::
     RUN/align/<key>/            a finished stage (key = hash of start-model fingerprint, data
         adapter/                fingerprint, resolved stage config, seed, process count)
         model/                  (full fine-tuning only: the trained weights)
+        pairs.parquet           the training pairs (read back with load_preferences)
         logs.jsonl              one JSON object per logged step (TRL's metric names + step, epoch)
         summary.json            method, steps, final loss, times, pairs/s, truncation, config, ids
         inputs.json             what the key was computed from
@@ -40,6 +41,7 @@ from alignscope.store import RunDir, atomic_write_json, atomic_write_text, conte
 ALIGN_STAGE = "align"
 MERGED_STAGE = "merged"
 LOG_FILE = "logs.jsonl"
+PAIRS_FILE = "pairs.parquet"  # the training pairs, as written by write_preferences
 
 
 class StageFailed(InputError):
@@ -289,7 +291,7 @@ def train_stage(model: str | Path, stage: StageConfig, pairs: Sequence[Any], out
 
     from alignscope.align.recipes import NonFiniteLoss, build_dataset, build_trainer, build_trl_args
     from alignscope.align.reference import ReferenceStore, chat_template_hash, reference_inputs
-    from alignscope.data.preferences import preferences_fingerprint
+    from alignscope.data.preferences import preferences_fingerprint, write_preferences
     from alignscope.models import load
     from alignscope.models.loading import resolve_device
 
@@ -309,6 +311,10 @@ def train_stage(model: str | Path, stage: StageConfig, pairs: Sequence[Any], out
     if init_adapter is not None:
         start_spec = str(merge_adapter(start_spec, init_adapter, run))
     lm = load(start_spec, dtype=weight_dtype, device=device)
+    if not getattr(lm.tokenizer, "chat_template", None):  # TRL would fail deep inside dataset mapping
+        raise InputError(
+            f"model {start_spec}: has no chat template, and every stage formats pairs as chat turns; "
+            "start from a chat/instruct model or set tokenizer.chat_template and save it next to the weights")
     data_fp = data_fingerprint or preferences_fingerprint(pairs)
     processes = _processes()
     inputs = {"stage": ALIGN_STAGE, "method": stage.method, "start": lm.fingerprint, "data": data_fp,
@@ -421,6 +427,7 @@ def train_stage(model: str | Path, stage: StageConfig, pairs: Sequence[Any], out
             if (work / "runs").is_dir():  # report_to: tensorboard writes under output_dir/runs
                 shutil.copytree(work / "runs", scratch / "runs")
             atomic_write_json(scratch / "summary.json", summary)
+            write_preferences(pairs, scratch / PAIRS_FILE)  # the data, for `attribute --stage`
         shutil.rmtree(work, ignore_errors=True)
         for parent in (work.parent, work.parent.parent):  # RUN/.work/align, RUN/.work when empty
             with contextlib.suppress(OSError):

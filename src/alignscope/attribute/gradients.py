@@ -1,0 +1,438 @@
+"""Per-example gradients of the LoRA weights, batched, optionally projected, stored memory-mapped.
+
+How: every LoRA ``lora_A``/``lora_B`` linear gets a forward hook that keeps its input ``x`` and
+registers a hook on its output, which receives the output gradient ``g`` during backward. A
+weight's gradient for one sequence is ``Σ_t g_t xᵀ_t``, so ``einsum('bto,bti->boi')`` gives every
+row's gradient from one forward and one backward of the batch — what a training step costs,
+because rows never interact (right padding, causal attention), so the gradient of the batch *sum*
+restricted to one row is that row's own gradient. The LoRA weights themselves are frozen during
+collection (only activations carry gradients), so autograd never builds the summed weight grads.
+
+Projection (``project_dim``) is Kronecker-structured per layer, LoGra style: ``P_out G P_inᵀ`` =
+``Σ_t (P_out g_t)(P_in x_t)ᵀ``, i.e. the activations and output grads are projected *before* the
+outer product, with seeded Gaussian (or Rademacher) matrices scaled by 1/√k so dot products are
+preserved in expectation. Layers stay separate (DataInf's damping is per layer).
+
+Storage: ``RUN/.work/gradients/<key>/`` holds ``chosen.npy`` / ``rejected.npy`` (pairs × dims,
+float32, ``numpy.lib.format.open_memmap``) written chunk by chunk; a chunk's coefficient table
+``coef-<chunk>.parquet`` is written (atomically) only after its rows are flushed, so it doubles as
+the chunk's done-marker and an interrupted collection resumes at the first missing chunk. Chunks
+are dealt round-robin to ``accelerate`` processes, which write disjoint rows of the same files.
+The finished set is renamed into ``RUN/gradients/<key>/``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from alignscope.attribute.objective import LogProbModel, Objective, Row, encode_pair
+from alignscope.errors import InputError
+from alignscope.store import RunDir, atomic_write_json, atomic_write_parquet
+
+GRADIENT_STAGE = "gradients"
+LAYERS_FILE = "layers.json"
+TABLE_FILE = "pairs.parquet"
+
+
+# --------------------------------------------------------------------------- layers and projection
+
+
+@dataclass
+class Layer:
+    """One LoRA weight: its gradient's shape, its projection, and where it sits in a flat row."""
+
+    name: str
+    shape: tuple[int, int]  # (out, in) of the weight
+    proj: tuple[int, int]  # (k_out, k_in) after projection (== shape when not projected)
+    offset: int = 0
+
+    @property
+    def size(self) -> int:
+        return self.proj[0] * self.proj[1]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "proj": list(self.proj), "offset": self.offset}
+
+
+def _projected_shape(out: int, inp: int, k: int) -> tuple[int, int]:
+    """Keep a side that is already small, project the other; both when neither is small."""
+    if out * inp <= k:
+        return out, inp
+    small = min(out, inp)
+    if small * 2 <= k:
+        other = max(1, k // small)
+        return (out, other) if out == small else (other, inp)
+    side = max(1, math.isqrt(k))
+    return min(out, side), min(inp, side)
+
+
+def _matrix(rows: int, cols: int, seed: int, kind: str) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "rademacher":
+        m = torch.randint(0, 2, (rows, cols), generator=gen).float() * 2 - 1
+    else:
+        m = torch.randn(rows, cols, generator=gen)
+    return m / math.sqrt(rows)
+
+
+def lora_linears(model: Any) -> list[tuple[str, torch.nn.Module]]:
+    """(name, module) of every active LoRA A and B linear, in model order."""
+    found = []
+    for name, module in model.named_modules():
+        parts = getattr(module, "lora_A", None)
+        if not isinstance(parts, torch.nn.ModuleDict):
+            continue
+        for adapter in module.active_adapters:
+            if adapter in parts:
+                found.append((f"{name}.lora_A.{adapter}", module.lora_A[adapter]))
+                found.append((f"{name}.lora_B.{adapter}", module.lora_B[adapter]))
+    if not found:
+        raise InputError("attribution needs a LoRA adapter: the stage's model has no LoRA layers "
+                         "(full fine-tuning is not supported yet)")
+    return found
+
+
+class LoraGradients:
+    """Per-row gradients of all LoRA weights of ``model`` (see the module docstring)."""
+
+    def __init__(self, model: Any, project_dim: int | None = None, seed: int = 0,
+                 projection: str = "gaussian") -> None:
+        if project_dim is not None and project_dim < 1:
+            raise InputError(f"--project-dim {project_dim}: must be a positive number of dimensions")
+        if projection not in ("gaussian", "rademacher"):
+            raise InputError(f"projection {projection!r}: use gaussian or rademacher")
+        self.model = model
+        self.modules = lora_linears(model)
+        self.layers: list[Layer] = []
+        self._proj: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+        per_layer = None if project_dim is None else max(1, project_dim // len(self.modules))
+        offset = 0
+        for index, (name, module) in enumerate(self.modules):
+            shape = (module.weight.shape[0], module.weight.shape[1])
+            proj = shape if per_layer is None else _projected_shape(*shape, per_layer)
+            p_out = None if proj[0] == shape[0] else _matrix(proj[0], shape[0], seed * 100_003 + 2 * index, projection)
+            p_in = None if proj[1] == shape[1] else _matrix(proj[1], shape[1], seed * 100_003 + 2 * index + 1,
+                                                            projection)
+            self._proj[name] = (p_out, p_in)
+            self.layers.append(Layer(name, shape, proj, offset))
+            offset += proj[0] * proj[1]
+        self.dim = offset
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [layer.to_dict() for layer in self.layers]
+
+    @contextmanager
+    def hooked(self) -> Iterator[None]:
+        """Hooks on, LoRA weights frozen (restored afterwards)."""
+        handles = [module.register_forward_hook(self._forward_hook(name)) for name, module in self.modules]
+        frozen = {p: p.requires_grad for p in self.model.parameters()}
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            for p, flag in frozen.items():
+                p.requires_grad_(flag)
+
+    def _forward_hook(self, name: str) -> Callable[..., None]:
+        def hook(module: Any, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            if not output.requires_grad:
+                return
+            x = inputs[0]
+            output.register_hook(lambda g: self._record(name, x, g))
+        return hook
+
+    def _record(self, name: str, x: torch.Tensor, g: torch.Tensor) -> None:
+        p_out, p_in = self._proj[name]
+        x, g = x.float(), g.float()
+        if p_in is not None:
+            x = x @ p_in.to(x.device).T
+        if p_out is not None:
+            g = g @ p_out.to(g.device).T
+        grad = torch.einsum("bto,bti->boi", g, x).reshape(x.shape[0], -1)
+        self._buffers[name] = self._buffers[name] + grad if name in self._buffers else grad
+
+    def per_row(self, forward: Callable[[Callable[[torch.Tensor], torch.Tensor]], torch.Tensor]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values, gradients): ``forward(input_hook)`` returns per-row values; their per-row
+        gradients come back as a (rows, dim) float32 matrix in layer order."""
+        self._buffers = {}
+        with self.hooked():
+            values = forward(lambda e: e.detach().requires_grad_(True))
+            values.sum().backward()
+        rows = values.shape[0]
+        parts = [self._buffers.get(layer.name, torch.zeros(rows, layer.size)) for layer in self.layers]
+        self._buffers = {}
+        return values.detach(), torch.cat([p.cpu() for p in parts], dim=1)
+
+
+# --------------------------------------------------------------------------- batching
+
+
+def token_batches(lengths: Sequence[int], batch_tokens: int, max_rows: int = 64) -> list[list[int]]:
+    """Indices grouped into length-sorted batches whose padded size stays under ``batch_tokens``."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        longest = lengths[current[0]] if current else lengths[i]
+        if current and ((len(current) + 1) * longest > batch_tokens or len(current) >= max_rows):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+# --------------------------------------------------------------------------- pair gradients
+
+
+@dataclass
+class GradientSet:
+    """A finished (or in-progress) set of per-pair side gradients and per-pair coefficients."""
+
+    path: Path
+    layers: list[Layer]
+    sides: tuple[str, ...]
+    table: pd.DataFrame = field(repr=False)
+
+    @classmethod
+    def open(cls, path: Path) -> GradientSet:
+        meta = json.loads((path / LAYERS_FILE).read_text())
+        layers = [Layer(x["name"], tuple(x["shape"]), tuple(x["proj"]), x["offset"]) for x in meta["layers"]]
+        return cls(path, layers, tuple(meta["sides"]), pd.read_parquet(path / TABLE_FILE))
+
+    @property
+    def dim(self) -> int:
+        return sum(layer.size for layer in self.layers)
+
+    def side(self, name: str) -> np.ndarray:
+        return np.load(self.path / f"{name}.npy", mmap_mode="r")
+
+    def coef(self, kind: str, side: str) -> np.ndarray:
+        """Per-pair ∂(loss|margin)/∂s_side."""
+        return self.table[f"{kind}_coef_{side}"].to_numpy(np.float64)
+
+    def combined(self, kind: str, rows: slice) -> np.ndarray:
+        """Per-pair gradients of the loss (kind="loss") or margin (kind="margin") for a row slice."""
+        out = None
+        for side in self.sides:
+            part = np.asarray(self.side(side)[rows], dtype=np.float64) * self.coef(kind, side)[rows, None]
+            out = part if out is None else out + part
+        assert out is not None
+        return out
+
+
+def _reference_columns(objective: Objective, pairs: Sequence[Any], reference: pd.DataFrame | None
+                       ) -> dict[str, np.ndarray] | None:
+    if not objective.needs_reference or reference is None:
+        return None
+    by_id = reference.set_index("id")
+    missing = [p.id for p in pairs if p.id not in by_id.index]
+    if missing:
+        return None
+    rows = by_id.loc[[p.id for p in pairs]]
+    return {"chosen": rows["ref_chosen_logps"].to_numpy(np.float64),
+            "rejected": rows["ref_rejected_logps"].to_numpy(np.float64)}
+
+
+def reference_logprobs(lp: LogProbModel, rows: dict[str, list[Row]], batch_tokens: int) -> dict[str, np.ndarray]:
+    """Side log-probs with the adapter disabled (the base = the DPO/KTO reference when no cache)."""
+    out: dict[str, np.ndarray] = {}
+    model = lp.model
+    with torch.no_grad(), (model.disable_adapter() if hasattr(model, "disable_adapter") else _null()):
+        for side, side_rows in rows.items():
+            values = np.zeros(len(side_rows))
+            for batch in token_batches([len(r.ids) for r in side_rows], batch_tokens):
+                values[batch] = lp([side_rows[i] for i in batch]).double().cpu().numpy()
+            out[side] = values
+    return out
+
+
+@contextmanager
+def _null() -> Iterator[None]:
+    yield
+
+
+def _chunk_coefficients(objective: Objective, ids: list[str], s: dict[str, np.ndarray], n: dict[str, np.ndarray],
+                        ref: dict[str, np.ndarray]) -> pd.DataFrame:
+    t = {k: torch.tensor(v, dtype=torch.float64) for k, v in s.items()}
+    tn = {k: torch.tensor(v, dtype=torch.float64) for k, v in n.items()}
+    tr = {k: torch.tensor(v, dtype=torch.float64) for k, v in ref.items()}
+    coef = objective.coefficients(t, tn, tr)
+    frame: dict[str, Any] = {"pair_id": ids}
+    for side in objective.sides:
+        frame[f"logp_{side}"] = s[side]
+        frame[f"tokens_{side}"] = n[side]
+        frame[f"ref_{side}"] = ref[side]
+        frame[f"loss_coef_{side}"] = coef["loss"][side].numpy()
+        frame[f"margin_coef_{side}"] = coef["margin"][side].numpy()
+    frame["loss"] = coef["loss"]["value"].numpy()
+    frame["margin"] = coef["margin"]["value"].numpy()
+    return pd.DataFrame(frame)
+
+
+def _open_side(path: Path, shape: tuple[int, int], create: bool) -> np.memmap:
+    if create or not path.exists():
+        return np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+    arr = np.lib.format.open_memmap(path, mode="r+")
+    if arr.shape != shape:
+        raise InputError(f"{path}: shape {arr.shape} differs from the expected {shape}; delete {path.parent} "
+                         "to restart the gradient collection")
+    return arr
+
+
+def collect_pair_gradients(lm: Any, pairs: Sequence[Any], objective: Objective, *, run: RunDir,
+                           inputs: dict[str, Any], max_length: int | None, truncation_mode: str,
+                           reference: pd.DataFrame | None, project_dim: int | None, seed: int,
+                           batch_tokens: int = 4096, chunk_pairs: int = 64,
+                           after_chunk: Callable[[int], None] | None = None) -> GradientSet:
+    """Per-pair side gradients of the stage's objective, cached as ``RUN/gradients/<key>/``.
+
+    ``inputs`` identify the result (stage, data, projection, precision); a finished key is
+    returned as is, an unfinished one resumes at its first missing chunk. Under ``accelerate
+    launch`` the chunks are shared between processes and rank 0 assembles the artefact.
+    """
+    from alignscope.models.engine import _distributed_state
+
+    found = run.find(GRADIENT_STAGE, inputs)
+    if found is not None:
+        return GradientSet.open(found.path)
+    state = _distributed_state()
+    rank, world = (0, 1) if state is None else (state.process_index, state.num_processes)
+    work = run.root / ".work" / GRADIENT_STAGE / RunDir.key(inputs)
+    work.mkdir(parents=True, exist_ok=True)
+
+    model = lm.model
+    model.eval()
+    lp = LogProbModel(model, lm.tokenizer.pad_token_id or 0)
+    grads = LoraGradients(model, project_dim, seed)
+    rows = {side: [] for side in objective.sides}
+    for pair in pairs:
+        for side, row in zip(objective.sides, encode_pair(lm.tokenizer, pair, objective.sides, max_length,
+                                                          truncation_mode)):
+            rows[side].append(row)
+    ref = _reference_columns(objective, pairs, reference)
+    if objective.needs_reference and ref is None:
+        ref = reference_logprobs(lp, rows, batch_tokens)
+    if ref is None:
+        ref = {side: np.zeros(len(pairs)) for side in objective.sides}
+
+    shape = (len(pairs), grads.dim)
+    meta = {"layers": grads.describe(), "sides": list(objective.sides), "n_pairs": len(pairs),
+            "chunk_pairs": chunk_pairs, "project_dim": project_dim, "seed": seed}
+    fresh = not (work / LAYERS_FILE).exists() or json.loads((work / LAYERS_FILE).read_text()) != meta
+    if rank == 0:
+        if fresh:
+            for old in work.glob("coef-*.parquet"):
+                old.unlink()
+        for side in objective.sides:
+            _open_side(work / f"{side}.npy", shape, fresh).flush()
+        atomic_write_json(work / LAYERS_FILE, meta)
+    if state is not None:
+        state.wait_for_everyone()
+    arrays = {side: _open_side(work / f"{side}.npy", shape, False) for side in objective.sides}
+
+    lengths = [sum(len(rows[s][i].ids) for s in objective.sides) for i in range(len(pairs))]
+    order = sorted(range(len(pairs)), key=lambda i: -lengths[i])
+    chunks = [order[c:c + chunk_pairs] for c in range(0, len(order), chunk_pairs)]
+    started = time.perf_counter()
+    for c, members in enumerate(chunks):
+        marker = work / f"coef-{c:05d}.parquet"
+        if c % world != rank or marker.exists():
+            continue
+        s = {side: np.zeros(len(members)) for side in objective.sides}
+        n = {side: np.array([rows[side][i].n_scored for i in members], dtype=np.float64) for side in objective.sides}
+        side_rows = [rows[side][i] for side in objective.sides for i in members]
+        local = [len(r.ids) for r in side_rows]
+        for batch in token_batches(local, batch_tokens):
+            values, g = grads.per_row(lambda hook, b=batch: lp([side_rows[j] for j in b], input_hook=hook))
+            for j, value, grad in zip(batch, values.double().cpu().numpy(), g.numpy()):
+                side = objective.sides[j // len(members)]
+                k = j % len(members)
+                s[side][k] = value
+                arrays[side][members[k]] = grad
+        for arr in arrays.values():
+            arr.flush()
+        table = _chunk_coefficients(objective, [pairs[i].id for i in members], s, n,
+                                    {side: ref[side][members] for side in objective.sides})
+        table.insert(0, "index", members)
+        atomic_write_parquet(marker, table)
+        if after_chunk is not None:
+            after_chunk(c)
+    elapsed = time.perf_counter() - started
+    atomic_write_json(work / f"timing-{rank}.json", {"seconds": elapsed})
+    del arrays
+    if state is not None:
+        state.wait_for_everyone()
+    if rank == 0:
+        _finish(run, inputs, work, objective, len(chunks))
+    if state is not None:
+        state.wait_for_everyone()
+    found = run.find(GRADIENT_STAGE, inputs)
+    assert found is not None
+    return GradientSet.open(found.path)
+
+
+def _finish(run: RunDir, inputs: dict[str, Any], work: Path, objective: Objective, n_chunks: int) -> None:
+    parts = [pd.read_parquet(work / f"coef-{c:05d}.parquet") for c in range(n_chunks)]
+    table = pd.concat(parts).sort_values("index").reset_index(drop=True)
+    seconds = max(json.loads(p.read_text())["seconds"] for p in work.glob("timing-*.json"))
+    with run.build(GRADIENT_STAGE, inputs) as scratch:
+        for side in objective.sides:
+            os.replace(work / f"{side}.npy", scratch / f"{side}.npy")
+        os.replace(work / LAYERS_FILE, scratch / LAYERS_FILE)
+        atomic_write_parquet(scratch / TABLE_FILE, table.drop(columns=["index"]))
+        atomic_write_json(scratch / "summary.json", {"n_pairs": len(table), "collect_s": round(seconds, 3),
+                                                     "objective": objective.description})
+    for leftover in work.iterdir():
+        leftover.unlink()
+    work.rmdir()
+
+
+# --------------------------------------------------------------------------- measurement
+
+
+def measurement_rows(lm: Any, requests: Sequence[Any]) -> list[Row]:
+    """Score requests as rows, tokenised by the engine's own code (so f equals the audit's sum)."""
+    from alignscope.models.hf_backend import HFBackend
+
+    backend = HFBackend(lm)
+    rows = []
+    for i, req in enumerate(requests):
+        enc = backend.encode_score(i, req)
+        rows.append(Row(tuple(enc.prefix) + tuple(enc.continuation),
+                        (0,) * len(enc.prefix) + (1,) * len(enc.continuation)))
+    return rows
+
+
+def measurement_gradients(lm: Any, grads: LoraGradients, requests: Sequence[Any], weights: Sequence[float],
+                          batch_tokens: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """(log-probs, weighted per-request gradients): f = Σ w·logp and ∇f = Σ rows of the matrix."""
+    lm.model.eval()
+    lp = LogProbModel(lm.model, lm.tokenizer.pad_token_id or 0)
+    rows = measurement_rows(lm, requests)
+    logps = np.zeros(len(rows))
+    out = np.zeros((len(rows), grads.dim), dtype=np.float32)
+    w = np.asarray(weights, dtype=np.float64)
+    for batch in token_batches([len(r.ids) for r in rows], batch_tokens):
+        values, g = grads.per_row(lambda hook, b=batch: lp([rows[j] for j in b], input_hook=hook))
+        logps[batch] = values.double().cpu().numpy()
+        out[batch] = g.numpy() * w[batch, None]
+    return logps, out

@@ -1,0 +1,251 @@
+"""The training objective of a stage, per example, as attribution needs it.
+
+Every supported loss is a function of a pair's *side* log-probabilities only: ``s_c = log π(chosen |
+prompt)`` and ``s_r = log π(rejected | prompt)`` (token sums over the reply), their token counts,
+and (for DPO-style losses) the cached reference log-probs. So the gradient of pair ``i``'s loss is
+
+    ∇L_i = a_i ∇s_c,i + b_i ∇s_r,i          a_i = ∂L_i/∂s_c,  b_i = ∂L_i/∂s_r
+
+and the gradients that have to be collected per pair are the two side gradients; the scalar
+coefficients come from one cheap forward. That gives, for free, the chosen-side and rejected-side
+contributions of every score, and the "margin" direction (the loss's argument, e.g. DPO's
+``β(Δ_c − Δ_r)``) whose gradient is the loss gradient with the per-pair loss weight σ(−margin)
+divided out — the form that still ranks pairs the stage has already fitted.
+
+Tokenisation follows TRL's conversational path (``DPOTrainer._prepare_dataset`` / its collator,
+and SFT's prompt-completion path): prompt via the chat template with the generation prompt,
+prompt+reply via the chat template, the reply starts where the two diverge, sequences are cut to
+``max_length`` with the stage's ``truncation_mode``. ORPO and KTO use the same tokenisation (their
+trainers differ only in details such as ORPO's separate completion budget), and KTO's batch KL
+term, which TRL detaches, is taken as 0.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from alignscope.errors import InputError
+
+SUPPORTED_METHODS = ("sft", "dpo", "ipo", "orpo", "kto")
+_DPO_LOSSES = ("sigmoid", "ipo", "hinge")
+_UNSUPPORTED_TRL_KEYS = ("ld_alpha", "f_divergence_type", "use_weighting", "rpo_alpha")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One token sequence and which of its tokens are scored (``mask[t] = 1``, ``t >= 1``)."""
+
+    ids: tuple[int, ...]
+    mask: tuple[int, ...]
+
+    @property
+    def n_scored(self) -> int:
+        return sum(self.mask[1:])
+
+
+def _chat_ids(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
+    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                        add_generation_prompt=generation_prompt)
+    return list(out["input_ids"])
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def encode_pair(tokenizer: Any, pair: Any, sides: Sequence[str], max_length: int | None,
+                truncation_mode: str = "keep_start") -> list[Row]:
+    """The rows TRL trains on for one pair (one per side), tokenised exactly as TRL does."""
+    prompt = [dict(m) for m in pair.prompt]
+    prompt_ids = _chat_ids(tokenizer, prompt, True)
+    fulls = [_chat_ids(tokenizer, prompt + [{"role": "assistant", "content": getattr(pair, s)}], False)
+             for s in sides]
+    start = min(_common_prefix(prompt_ids, f) for f in fulls)
+    rows = []
+    for full in fulls:
+        mask = [0] * start + [1] * (len(full) - start)
+        ids = list(full)
+        if max_length is not None:
+            cut = slice(None, max_length) if truncation_mode == "keep_start" else slice(-max_length, None)
+            ids, mask = ids[cut], mask[cut]
+        rows.append(Row(tuple(ids), tuple(mask)))
+    return rows
+
+
+class LogProbModel:
+    """Summed log-probs of the scored tokens of rows, through a (PEFT-wrapped) causal LM.
+
+    Runs the decoder once and the LM head only at positions that predict a scored token (as the
+    engine does), so a batch costs what a training step's forward costs, minus most of the head.
+    """
+
+    def __init__(self, model: Any, pad_id: int) -> None:
+        self.model = model
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.decoder = base.get_decoder() if hasattr(base, "get_decoder") else base.model
+        self.head = base.get_output_embeddings()
+        config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+        self.softcap = getattr(config, "final_logit_softcapping", None)
+        self.pad_id = pad_id
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def batch(self, rows: Sequence[Row]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Right-padded ids and attention mask, plus (row, predictor position, target) per scored token."""
+        width = max(len(r.ids) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        attn = torch.zeros((len(rows), width), dtype=torch.long)
+        which, where, target = [], [], []
+        for b, row in enumerate(rows):
+            ids[b, :len(row.ids)] = torch.tensor(row.ids)
+            attn[b, :len(row.ids)] = 1
+            for t in range(1, len(row.ids)):
+                if row.mask[t]:
+                    which.append(b)
+                    where.append(t - 1)
+                    target.append(row.ids[t])
+        return ids, attn, torch.tensor(which, dtype=torch.long), torch.tensor(where, dtype=torch.long), \
+            torch.tensor(target, dtype=torch.long)
+
+    def __call__(self, rows: Sequence[Row], input_hook: Callable[[torch.Tensor], torch.Tensor] | None = None
+                 ) -> torch.Tensor:
+        """Per-row summed log-prob (float32, differentiable when the model's graph is)."""
+        ids, attn, which, where, target = self.batch(rows)
+        dev = self.device
+        embeds = self.decoder.get_input_embeddings()(ids.to(dev))
+        if input_hook is not None:
+            embeds = input_hook(embeds)
+        hidden = self.decoder(inputs_embeds=embeds, attention_mask=attn.to(dev), use_cache=False).last_hidden_state
+        out = torch.zeros(len(rows), dtype=torch.float32, device=dev)
+        if len(target) == 0:
+            return out
+        logits = self.head(hidden[which.to(dev), where.to(dev)]).float()
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        token = logits.gather(1, target.to(dev)[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+        return out.index_add(0, which.to(dev), token)
+
+
+# --------------------------------------------------------------------------- objectives
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A stage's per-pair loss and margin as functions of side log-probs.
+
+    ``loss`` and ``margin`` take dicts of per-pair tensors: ``s`` (side log-probs), ``n`` (scored
+    token counts) and ``ref`` (reference side log-probs; zeros when unused), keyed by side name.
+    """
+
+    method: str
+    sides: tuple[str, ...]
+    needs_reference: bool
+    beta: float
+    loss_fn: Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]], torch.Tensor]
+    margin_fn: Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]], torch.Tensor]
+    description: str
+
+    def coefficients(self, s: dict[str, torch.Tensor], n: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]
+                     ) -> dict[str, dict[str, torch.Tensor]]:
+        """Per-pair ∂loss/∂s_side and ∂margin/∂s_side (each pair's loss depends on its own s only),
+        plus the loss and margin values."""
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        for name, fn in (("loss", self.loss_fn), ("margin", self.margin_fn)):
+            leaves = {k: v.detach().double().clone().requires_grad_(True) for k, v in s.items()}
+            value = fn(leaves, {k: v.double() for k, v in n.items()}, {k: v.double() for k, v in ref.items()})
+            grads = torch.autograd.grad(value.sum(), [leaves[k] for k in self.sides], allow_unused=True)
+            out[name] = {k: (g if g is not None else torch.zeros_like(leaves[k])).detach()
+                         for k, g in zip(self.sides, grads)}
+            out[name]["value"] = value.detach()
+        return out
+
+
+def _dpo_losses(loss_types: list[str], weights: list[float], beta: float) -> Callable[..., torch.Tensor]:
+    def loss(s: dict[str, torch.Tensor], n: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> torch.Tensor:
+        delta = (s["chosen"] - ref["chosen"]) - (s["rejected"] - ref["rejected"])
+        total = torch.zeros_like(delta)
+        for kind, w in zip(loss_types, weights):
+            if kind == "sigmoid":
+                total = total + w * -F.logsigmoid(beta * delta)
+            elif kind == "hinge":
+                total = total + w * torch.relu(1 - beta * delta)
+            else:  # ipo: per-token averaged log-ratios (TRL's normalisation)
+                h = (s["chosen"] - ref["chosen"]) / n["chosen"].clamp(min=1) - \
+                    (s["rejected"] - ref["rejected"]) / n["rejected"].clamp(min=1)
+                total = total + w * (h - 1 / (2 * beta)) ** 2
+        return total
+    return loss
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 − exp(x)) for x < 0, stable at both ends."""
+    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def objective_from_summary(summary: dict[str, Any]) -> Objective:
+    """The objective a finished stage trained with, from its ``summary.json``."""
+    from alignscope.align.config import StageConfig
+
+    method = summary.get("method")
+    if method not in SUPPORTED_METHODS:
+        raise InputError(f"attribution does not support method {method!r} yet (stage summary); supported: "
+                         f"{', '.join(SUPPORTED_METHODS)}")
+    stage = StageConfig(**summary["config"])
+    bad = [k for k in _UNSUPPORTED_TRL_KEYS if k in stage.trl]
+    if bad:
+        raise InputError(f"attribution does not support the TRL option trl.{bad[0]} of this {method} stage; "
+                         "retrain without it to attribute")
+    beta = float(stage.resolved("beta") or 0.0)
+    if method == "sft":
+        return Objective("sft", ("chosen",), False, beta, lambda s, n, r: -s["chosen"],
+                         lambda s, n, r: s["chosen"], "token cross-entropy of the chosen reply (summed)")
+    if method in ("dpo", "ipo"):
+        types = list(stage.resolved("loss_type"))
+        unknown = [t for t in types if t not in _DPO_LOSSES]
+        if unknown:
+            raise InputError(f"attribution does not support DPO loss_type {unknown[0]!r}; supported: "
+                             f"{', '.join(_DPO_LOSSES)}")
+        weights = list(stage.loss_weights or [1.0] * len(types))
+        if types == ["ipo"]:
+            def margin(s: dict, n: dict, r: dict) -> torch.Tensor:
+                return (s["chosen"] - r["chosen"]) / n["chosen"].clamp(min=1) - \
+                    (s["rejected"] - r["rejected"]) / n["rejected"].clamp(min=1)
+        else:
+            def margin(s: dict, n: dict, r: dict) -> torch.Tensor:
+                return beta * ((s["chosen"] - r["chosen"]) - (s["rejected"] - r["rejected"]))
+        return Objective(method, ("chosen", "rejected"), True, beta, _dpo_losses(types, weights, beta), margin,
+                         f"{'+'.join(types)} loss, beta={beta}, cached reference log-probs")
+    if method == "orpo":
+        def log_odds(s: dict, n: dict, r: dict) -> torch.Tensor:
+            c = s["chosen"] / n["chosen"].clamp(min=1)
+            j = s["rejected"] / n["rejected"].clamp(min=1)
+            return (c - j) - (_log1mexp(c) - _log1mexp(j))
+
+        def orpo(s: dict, n: dict, r: dict) -> torch.Tensor:
+            return -s["chosen"] / n["chosen"].clamp(min=1) - beta * F.logsigmoid(log_odds(s, n, r))
+        return Objective("orpo", ("chosen", "rejected"), False, beta, orpo, log_odds,
+                         f"ORPO: chosen NLL (token mean) − beta·log σ(log-odds ratio), beta={beta}")
+    # kto
+    kind = stage.resolved("loss_type")
+    dw, uw = stage.desirable_weight, stage.undesirable_weight
+
+    def kto(s: dict, n: dict, r: dict) -> torch.Tensor:
+        lc, lr = s["chosen"] - r["chosen"], s["rejected"] - r["rejected"]
+        rejected = 1 - torch.sigmoid(-beta * lr) if kind == "kto" else torch.sigmoid(beta * lr)
+        return dw * (1 - torch.sigmoid(beta * lc)) + uw * rejected
+    return Objective("kto", ("chosen", "rejected"), True, beta, kto,
+                     lambda s, n, r: beta * ((s["chosen"] - r["chosen"]) - (s["rejected"] - r["rejected"])),
+                     f"KTO ({kind}), beta={beta}, batch KL term taken as 0 (TRL detaches it)")
