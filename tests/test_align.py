@@ -150,6 +150,20 @@ def test_reference_cache_equals_trls_own_reference(dpo_run, tiny_model_dir, tmp_
     assert first["rewards/rejected"] == pytest.approx(0, abs=1e-5)
 
 
+def test_a_subset_of_earlier_data_reuses_reference_rows(dpo_run, tiny_model_dir):
+    """Curation retrains on a subset: its reference rows come from the earlier table, by token hash."""
+    out, pairs, cfg, first = dpo_run
+    subset = [p for p in pairs if p.id not in ("p0", "p3")]
+    again = train_stage(str(tiny_model_dir), cfg.model_copy(update={"max_steps": 1}), subset, out)
+    assert not again.cached and again.summary["reference"]["cache_hit"] is True
+    assert again.summary["reference"]["path"] != first.summary["reference"]["path"]
+    reused = stage_reference(again.path).set_index("id")
+    original = stage_reference(first.path).set_index("id")
+    assert list(reused.index) == [p.id for p in subset]
+    for column in ("ref_chosen_logps", "ref_rejected_logps"):
+        assert reused[column].tolist() == original.loc[reused.index, column].tolist()
+
+
 def test_full_finetuning_saves_weights_and_uses_the_cache(tiny_model_dir, tmp_path):
     from alignscope.models import load
 

@@ -13,6 +13,11 @@ directory, ``RUN/reference/<key>/ref_logps.parquet``, keyed by everything that d
 So a rerun, a resumed run, a second stage with other loss settings on the same reference, and the
 later diagnostics (implicit rewards) and attribution all read the same numbers.
 
+Rows are also reused *across data sets*: each row carries ``tokens_hash``, a hash of the pair's
+prompt/chosen/rejected token ids, which (with the reference and tokenisation settings in the key)
+fully determines its log-probs. A stage on a subset of earlier data — curation's "retrain without
+the top-k pairs" — finds its rows in the earlier table and computes only pairs never seen.
+
 How it plugs into TRL 1.16 (``trl/trainer/dpo_trainer.py``): with ``precompute_ref_log_probs=True``
 the trainer calls ``self._precompute_ref_logps(train_dataset, "train", batch_size)`` at the end of
 ``__init__`` (line 1014) on the dataset its ``_prepare_dataset`` (1036; ``tokenize_fn`` 1075, the
@@ -31,6 +36,7 @@ version writes an HF-datasets temp file per process, which is also why it cannot
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 from pathlib import Path
@@ -40,12 +46,13 @@ import pandas as pd
 import torch
 
 from alignscope.errors import InputError
-from alignscope.store import RunDir, atomic_write_json, atomic_write_parquet
+from alignscope.store import DONE_MARKER, RunDir, atomic_write_json, atomic_write_parquet
 
 REFERENCE_STAGE = "reference"
 REFERENCE_FILE = "ref_logps.parquet"
 COLUMNS = ("id", "ref_chosen_logps", "ref_rejected_logps", "prompt_tokens", "chosen_tokens",
            "rejected_tokens", "truncated")
+TOKENS_HASH = "tokens_hash"  # optional column (tables written before it existed lack it)
 
 
 def chat_template_hash(tokenizer: Any) -> str:
@@ -85,9 +92,27 @@ class ReferenceStore:
         found = self.run.find(REFERENCE_STAGE, self.inputs)
         return read_reference(found.file(REFERENCE_FILE)) if found is not None else None
 
+    def reusable_rows(self) -> pd.DataFrame | None:
+        """Rows stored for *other* data under the same reference and tokenisation, by token hash."""
+        family = {k: v for k, v in self.inputs.items() if k != "data"}
+        frames = []
+        for inputs_file in sorted((self.run.root / REFERENCE_STAGE).glob("*/inputs.json")):
+            table = inputs_file.parent / REFERENCE_FILE
+            if not (inputs_file.parent / DONE_MARKER).exists() or not table.exists():
+                continue
+            other = json.loads(inputs_file.read_text())
+            if {k: v for k, v in other.items() if k != "data"} == family:
+                frame = pd.read_parquet(table)
+                if TOKENS_HASH in frame:
+                    frames.append(frame)
+        if not frames:
+            return None
+        return pd.concat(frames, ignore_index=True).drop_duplicates(TOKENS_HASH).set_index(TOKENS_HASH)
+
     def save(self, frame: pd.DataFrame, meta: dict[str, Any]) -> Path:
+        columns = list(COLUMNS) + ([TOKENS_HASH] if TOKENS_HASH in frame else [])
         with self.run.build(REFERENCE_STAGE, self.inputs) as scratch:
-            atomic_write_parquet(scratch / REFERENCE_FILE, frame[list(COLUMNS)])
+            atomic_write_parquet(scratch / REFERENCE_FILE, frame[columns])
             atomic_write_json(scratch / "summary.json", {"n_pairs": len(frame), **meta})
         return self.path
 
@@ -124,8 +149,19 @@ def token_counts(dataset: Any, max_length: int | None) -> pd.DataFrame:
     rejected = [len(x) for x in dataset["rejected_ids"]]
     limit = max_length if max_length is not None else float("inf")
     truncated = [p + max(c, r) > limit for p, c, r in zip(prompt, chosen, rejected, strict=True)]
+    hashes = [_tokens_hash(p, c, r) for p, c, r in
+              zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"], strict=True)]
     return pd.DataFrame({"id": [str(x) for x in dataset["id"]], "prompt_tokens": prompt,
-                         "chosen_tokens": chosen, "rejected_tokens": rejected, "truncated": truncated})
+                         "chosen_tokens": chosen, "rejected_tokens": rejected, "truncated": truncated,
+                         TOKENS_HASH: hashes})
+
+
+def _tokens_hash(prompt: Any, chosen: Any, rejected: Any) -> str:
+    digest = hashlib.blake2b(digest_size=12)
+    for part in (prompt, chosen, rejected):
+        digest.update(json.dumps([int(t) for t in part]).encode())
+        digest.update(b"|")
+    return digest.hexdigest()
 
 
 def _dpo_trainer_class() -> type:
@@ -153,20 +189,36 @@ def make_cached_reference_trainer(base: type | None = None) -> type:
             if frame is not None and set(counts["id"]) <= set(frame["id"]):
                 store.was_hit = True
             else:
-                started = time.perf_counter()
-                chosen, rejected = self._reference_forward(dataset, batch_size)
-                store.computed_s = time.perf_counter() - started
-                store.was_hit = False
-                frame = counts.assign(ref_chosen_logps=chosen.double().numpy(),
-                                      ref_rejected_logps=rejected.double().numpy())
-                if self.accelerator.is_main_process:
-                    store.save(frame, {"seconds": round(store.computed_s, 3), "batch_size": batch_size,
-                                       "processes": self.accelerator.num_processes})
-                self.accelerator.wait_for_everyone()
+                frame = self._fill_reference(dataset, counts, store, batch_size)
             by_id = frame.set_index("id")
             rows = by_id.loc[counts["id"]]
             dataset = dataset.add_column("ref_chosen_logps", rows["ref_chosen_logps"].astype("float32").tolist())
             return dataset.add_column("ref_rejected_logps", rows["ref_rejected_logps"].astype("float32").tolist())
+
+        def _fill_reference(self, dataset: Any, counts: pd.DataFrame, store: ReferenceStore,
+                            batch_size: int) -> pd.DataFrame:
+            """Reuse rows known by token hash; compute the rest with TRL's loop; store the table."""
+            known = store.reusable_rows()
+            chosen = pd.Series(float("nan"), index=counts.index)
+            rejected = chosen.copy()
+            if known is not None:
+                seen = counts[TOKENS_HASH].isin(known.index)
+                chosen[seen] = known.loc[counts.loc[seen, TOKENS_HASH], "ref_chosen_logps"].to_numpy()
+                rejected[seen] = known.loc[counts.loc[seen, TOKENS_HASH], "ref_rejected_logps"].to_numpy()
+            missing = [int(i) for i in chosen.index[chosen.isna()]]
+            started = time.perf_counter()
+            if missing:
+                c, r = self._reference_forward(dataset.select(missing), batch_size)
+                chosen[missing], rejected[missing] = c.double().numpy(), r.double().numpy()
+            store.computed_s = time.perf_counter() - started if missing else None
+            store.was_hit = not missing
+            frame = counts.assign(ref_chosen_logps=chosen.to_numpy(), ref_rejected_logps=rejected.to_numpy())
+            if self.accelerator.is_main_process:
+                store.save(frame, {"seconds": round(time.perf_counter() - started, 3), "batch_size": batch_size,
+                                   "processes": self.accelerator.num_processes, "computed": len(missing),
+                                   "reused": len(counts) - len(missing)})
+            self.accelerator.wait_for_everyone()
+            return frame
 
         def _reference_forward(self, dataset: Any, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
             """TRL's own precompute loop (DPOTrainer._precompute_ref_logps), minus its temp-file cache."""
