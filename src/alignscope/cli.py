@@ -66,7 +66,8 @@ def score(
     started = time.perf_counter()
     lm = load(model, adapter=adapter, dtype=dtype)
     engine = Engine(lm, batch_tokens=batch_tokens, cache="default" if cache else None)
-    path = score_to_run(engine, reqs, ids, requests, out)
+    with _no_empty_run_dir(out):
+        path = score_to_run(engine, reqs, ids, requests, out)
     if path is not None:
         typer.echo(f"scored {len(reqs)} requests in {time.perf_counter() - started:.1f}s -> {path}")
 
@@ -109,11 +110,31 @@ def audit_cmd(
     overrides = parse_data_overrides(data or [], names)
     if limit is not None and limit < 1:
         raise InputError(f"--limit {limit}: must be a positive number of items")
+    if batch_tokens < 1:
+        raise InputError(f"--batch-tokens {batch_tokens}: must be a positive number of tokens")
+    _preflight_probe_data(names, overrides, limit, seed)
     lm = load(model, adapter=adapter, dtype=dtype)
     engine = Engine(lm, batch_tokens=batch_tokens)
     with _no_empty_run_dir(out):
         done = audit(engine, names, out, limit=limit, data=overrides, seed=seed)
     _print_audit(done)
+
+
+def _preflight_probe_data(names: list[str], overrides: dict[str, Path], limit: Optional[int], seed: int) -> None:
+    """Read every user-supplied probe file before the model loads.
+
+    A typo on line 3 of a data file should cost a second, not a model load plus the probes that
+    run before it; the files are small, so reading them twice is the cheaper trade.
+    """
+    from alignscope.audit.runner import available_probes
+
+    registry = available_probes()
+    for name in names:
+        probe = registry[name]()
+        if probe.requires_data and name not in overrides:
+            raise InputError(f"probe {name} has no embedded data; pass --data {name}=PATH ({probe.data_formats})")
+        if name in overrides:
+            probe.load_items(overrides[name], limit=limit, seed=seed)
 
 
 def _print_audit(done: dict) -> None:
@@ -188,20 +209,44 @@ def _no_empty_run_dir(out: Path) -> Iterator[None]:
         raise
 
 
-def main() -> None:
-    """Console entry point: map user errors to one line and exit code 2.
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: every user error is one line on stderr and exit code 2.
 
-    Usage errors (unknown option, missing value) are Typer's own: they also exit with code 2.
+    Typer runs in non-standalone mode so that its usage errors (unknown option, missing value, a
+    value of the wrong type) come back to us as exceptions instead of a multi-line box: scripts and
+    users then see the same ``alignscope: error: ...`` shape for every bad input. ``argv`` lets
+    tests call the real entry point in-process.
     """
+    import warnings
+
+    from typer._click import exceptions as click_errors
+
+    # Deprecation notices between our dependencies (peft calling a renamed transformers method)
+    # are for their developers; on a user's terminal they bury the one line that matters.
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"(transformers|peft|trl|accelerate|datasets)\b")
     try:
-        app()
+        code = app(args=argv, prog_name="alignscope", standalone_mode=False)
+    except click_errors.NoArgsIsHelpError as exc:  # `alignscope` / `alignscope models` alone: show help
+        if exc.ctx is not None:
+            exc.ctx.get_help()  # Typer prints the rich help itself
+        sys.exit(2)
+    except click_errors.UsageError as exc:
+        command = exc.ctx.command_path if exc.ctx is not None else "alignscope"
+        message = " ".join(exc.format_message().split()).rstrip(".")
+        typer.echo(f"alignscope: error: {command}: {message}; see `{command} --help`", err=True)
+        sys.exit(2)
+    except click_errors.ClickException as exc:
+        typer.echo(f"alignscope: error: {' '.join(exc.format_message().split())}", err=True)
+        sys.exit(exc.exit_code)
     except InputError as exc:
-        typer.echo(f"alignscope: error: {exc}", err=True)
+        typer.echo(f"alignscope: error: {' '.join(str(exc).split())}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
+        code = 130
+    if code == 130:  # Typer turns Ctrl-C into exit code 130
         typer.echo("alignscope: interrupted; rerun the same command to resume", err=True)
-        sys.exit(130)
-
+    sys.exit(code if isinstance(code, int) else 0)
 
 if __name__ == "__main__":
     main()

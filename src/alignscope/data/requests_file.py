@@ -23,6 +23,7 @@ def read_score_requests(path: Path) -> tuple[list[ScoreRequest], list[Any]]:
         raise InputError(f"requests file {path}: not found; pass an existing .jsonl file with --requests")
     requests: list[ScoreRequest] = []
     ids: list[Any] = []
+    numbers: list[int] = []
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as exc:
@@ -53,8 +54,13 @@ def read_score_requests(path: Path) -> tuple[list[ScoreRequest], list[Any]]:
         requests.append(ScoreRequest(context=record["context"], continuation=record["continuation"],
                                      chat=bool(record.get("chat", False)), system=record.get("system")))
         ids.append(record.get("id", number - 1))
+        numbers.append(number)
     if not requests:
         raise InputError(f"{path}: no requests (the file is empty); add JSON lines with context and continuation")
-    if len(set(map(str, ids))) != len(ids):
-        raise InputError(f"{path}: duplicate ids; give every line a unique \"id\" or leave ids out")
+    first_line: dict[str, int] = {}
+    for request_id, number in zip(map(str, ids), numbers):
+        if request_id in first_line:
+            raise InputError(f"{path} line {number}: duplicate id {request_id!r} (first used on line "
+                             f"{first_line[request_id]}); give every line a unique \"id\" or leave ids out")
+        first_line[request_id] = number
     return requests, ids

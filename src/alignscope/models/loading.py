@@ -197,16 +197,31 @@ def attach_adapter(model: Any, adapter: str | Path, spec: str) -> Any:
     path = Path(adapter)
     if not (path / "adapter_config.json").exists():
         raise InputError(f"adapter {adapter}: no adapter_config.json; pass a PEFT adapter directory")
-    peft_config = PeftConfig.from_pretrained(str(path))
+    try:
+        peft_config = PeftConfig.from_pretrained(str(path))
+    except (ValueError, TypeError, KeyError, OSError) as exc:  # JSONDecodeError is a ValueError
+        raise InputError(
+            f"adapter {adapter}: adapter_config.json is not a valid PEFT adapter config ({_first_line(exc)}); "
+            "re-save the adapter with model.save_pretrained(DIR)"
+        ) from None
     try:
         wrapped = PeftModel.from_pretrained(model, str(path), is_trainable=False)
-    except (RuntimeError, ValueError, KeyError) as exc:
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+        base = peft_config.base_model_name_or_path
+        trained_on = f" (trained on {base!r})" if base else ""
         raise InputError(
-            f"adapter {adapter}: does not fit model {spec} (trained on "
-            f"{peft_config.base_model_name_or_path!r}): {_first_line(exc)}"
-        ) from exc
+            f"adapter {adapter}: does not fit model {spec}{trained_on}: {_mismatch_line(exc).rstrip('.')}; "
+            "pass the --model the adapter was trained on"
+        ) from None
     wrapped.eval()
     return wrapped
+
+
+def _mismatch_line(exc: BaseException) -> str:
+    """The informative line of a state-dict error (torch puts "size mismatch for X" on line 2+)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    hits = [line for line in lines if "size mismatch" in line or "Missing key" in line or "Unexpected key" in line]
+    return (hits[0] if hits else _first_line(exc))[:300]
 
 
 def _first_line(exc: BaseException) -> str:

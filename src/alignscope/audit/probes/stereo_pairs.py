@@ -103,6 +103,8 @@ def _read_csv(path: Path, required: Sequence[str], what: str) -> pd.DataFrame:
     import io
 
     text = _read_text(path, what)
+    if not text.strip():
+        raise InputError(f"{path}: the file is empty; pass a {what} file with a header row ({', '.join(required)})")
     try:
         frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
