@@ -173,8 +173,13 @@ class RunDir:
         return content_hash(inputs)
 
     def _path(self, stage: str, key: str) -> Path:
+        # Both parts become path components; '..', '/', NUL or an empty name would let a stage
+        # name or a hand-edited manifest key point outside the run directory.
         if not stage.replace("-", "").replace("_", "").isalnum():
             raise InputError(f"stage name {stage!r} must be letters, digits, '-' or '_'")
+        if not key.replace("-", "").replace("_", "").isalnum():
+            raise InputError(f"{self.root / MANIFEST}: artefact key {key!r} of stage {stage} is not a plain "
+                             "name; delete the manifest entry (or the file) to rebuild it")
         return self.root / stage / key
 
     def path(self, stage: str, inputs: dict[str, Any]) -> Path:

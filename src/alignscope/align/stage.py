@@ -265,6 +265,16 @@ def merged_checkpoint(result: StageResult, out: Path | str | RunDir) -> Path:
                          {"stage": MERGED_STAGE, "align": result.key})
 
 
+def _check_resources(start_spec: str, stage: StageConfig, weight_dtype: Any, run: RunDir) -> None:
+    """Refuse a stage whose memory floor or checkpoint size clearly exceeds this machine (see guards)."""
+    from alignscope.guards import check_training
+    from alignscope.models.loading import resolve_source
+
+    source, is_local = resolve_source(start_spec)
+    check_training(start_spec, Path(source) if is_local else None, weight_dtype.itemsize,
+                   stage.finetune == "full", run.root, stage.save_total_limit or 1)
+
+
 # --------------------------------------------------------------------------- one stage
 
 
@@ -310,6 +320,7 @@ def train_stage(model: str | Path, stage: StageConfig, pairs: Sequence[Any], out
     start_spec = str(model)
     if init_adapter is not None:
         start_spec = str(merge_adapter(start_spec, init_adapter, run))
+    _check_resources(start_spec, stage, weight_dtype, run)
     lm = load(start_spec, dtype=weight_dtype, device=device)
     if not getattr(lm.tokenizer, "chat_template", None):  # TRL would fail deep inside dataset mapping
         raise InputError(

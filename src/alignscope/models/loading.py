@@ -149,6 +149,10 @@ def load(
     source, is_local = resolve_source(spec)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
+    if is_local:  # an OOM kill gives no message at all, so refuse what clearly cannot fit
+        from alignscope.guards import check_model_load
+
+        check_model_load(spec, Path(source), torch_dtype.itemsize)
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
