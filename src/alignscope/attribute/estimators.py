@@ -179,8 +179,8 @@ def datainf_direction(train: Gradients, test: np.ndarray, damping: float = DATAI
 
         (1/n Σ_j g_jl g_jlᵀ + λ_l I)⁻¹ ≈ 1/(n λ_l) Σ_j (I − g_jl g_jlᵀ / (λ_l + ‖g_jl‖²))
 
-    (the average of Sherman–Morrison inverses). Applied to v_l it needs only r_l = Σ_j c_j g_jl with
-    c_j = (v_l·g_jl) / (λ_l + ‖g_jl‖²): two streaming passes, no n×n matrix.
+    (the average of Sherman–Morrison inverses). Applied to v_l it is (n v_l − r_l) / (n λ_l) with
+    r_l = Σ_j c_j g_jl, c_j = (v_l·g_jl) / (λ_l + ‖g_jl‖²): two streaming passes, no n×n matrix.
     """
     v = _as_matrix(test)
     n = _n(train)
@@ -202,7 +202,7 @@ def datainf_direction(train: Gradients, test: np.ndarray, damping: float = DATAI
     out = np.empty_like(v)
     for k, layer in enumerate(layers):
         part = slice(layer.offset, layer.offset + layer.size)
-        out[:, part] = (v[:, part] - r[:, part]) / (n * lam[k])
+        out[:, part] = (n * v[:, part] - r[:, part]) / (n * lam[k])  # Σ_j I = n·I
     return out
 
 

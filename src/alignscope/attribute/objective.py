@@ -103,40 +103,43 @@ class LogProbModel:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def batch(self, rows: Sequence[Row]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Right-padded ids and attention mask, plus (row, predictor position, target) per scored token."""
+    def batch(self, rows: Sequence[Row]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Right-padded ids, attention mask and scored-token mask of rows."""
         width = max(len(r.ids) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         attn = torch.zeros((len(rows), width), dtype=torch.long)
-        which, where, target = [], [], []
+        scored = torch.zeros((len(rows), width), dtype=torch.long)
         for b, row in enumerate(rows):
             ids[b, :len(row.ids)] = torch.tensor(row.ids)
             attn[b, :len(row.ids)] = 1
-            for t in range(1, len(row.ids)):
-                if row.mask[t]:
-                    which.append(b)
-                    where.append(t - 1)
-                    target.append(row.ids[t])
-        return ids, attn, torch.tensor(which, dtype=torch.long), torch.tensor(where, dtype=torch.long), \
-            torch.tensor(target, dtype=torch.long)
+            scored[b, :len(row.ids)] = torch.tensor(row.mask)
+        scored[:, 0] = 0  # the first token has no predictor
+        return ids, attn, scored
 
     def __call__(self, rows: Sequence[Row], input_hook: Callable[[torch.Tensor], torch.Tensor] | None = None
                  ) -> torch.Tensor:
         """Per-row summed log-prob (float32, differentiable when the model's graph is)."""
-        ids, attn, which, where, target = self.batch(rows)
+        return self.forward(*self.batch(rows), input_hook=input_hook)
+
+    def forward(self, ids: torch.Tensor, attn: torch.Tensor, scored: torch.Tensor,
+                input_hook: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """Per-row Σ log p(ids[t] | ids[<t]) over positions with ``scored[t] = 1``."""
         dev = self.device
         embeds = self.decoder.get_input_embeddings()(ids.to(dev))
         if input_hook is not None:
             embeds = input_hook(embeds)
         hidden = self.decoder(inputs_embeds=embeds, attention_mask=attn.to(dev), use_cache=False).last_hidden_state
-        out = torch.zeros(len(rows), dtype=torch.float32, device=dev)
-        if len(target) == 0:
+        which, where = torch.nonzero(scored, as_tuple=True)
+        out = torch.zeros(ids.shape[0], dtype=torch.float32, device=dev)
+        if len(which) == 0:
             return out
-        logits = self.head(hidden[which.to(dev), where.to(dev)]).float()
+        which, where = which.to(dev), where.to(dev)
+        logits = self.head(hidden[which, where - 1]).float()
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
-        token = logits.gather(1, target.to(dev)[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
-        return out.index_add(0, which.to(dev), token)
+        target = ids.to(dev)[which, where]
+        token = logits.gather(1, target[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+        return out.index_add(0, which, token)
 
 
 # --------------------------------------------------------------------------- objectives

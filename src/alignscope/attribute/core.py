@@ -1,0 +1,357 @@
+"""``attribute``: which preference pairs of a stage moved a probe's metric; ``curate``: drop them.
+
+Two functions define the problem (kronfluence's ``Task`` idea): the stage's per-pair training
+objective (``objective.py``) and the probe's measurement ``f(θ) = Σ weight × log p_θ(continuation |
+context)``, higher = worse (``Probe.measurement``). Gradients of both at the trained adapter are
+collected once (``gradients.py``, cached in ``RUN/gradients/<key>/``) and every estimator
+(``estimators.py``) only combines them. Output, ``RUN/attribution/<key>/``:
+
+    scores.parquet   one row per pair: pair_id, prompt, chosen, rejected, planted, group,
+                     score_<estimator> for each, chosen_<default>/rejected_<default>, loss, margin, rank
+    summary.json     estimators, default estimator, sign convention, measurement, timings per phase,
+                     and with planted labels: planted-pair AUC and recall@k per estimator
+    measurement.parquet / measurement.npy   the measurement's requests, log-probs and gradients
+"""
+
+from __future__ import annotations
+
+import inspect
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from alignscope.attribute import estimators as est
+from alignscope.errors import InputError
+from alignscope.store import Artefact, RunDir, atomic_write_json, atomic_write_parquet, content_hash
+
+ATTRIBUTION_STAGE = "attribution"
+METHOD_GROUPS: dict[str, tuple[str, ...]] = {
+    "gradsim": ("gradsim_dot", "gradsim_cosine", "margin", "self_influence"),
+    "datainf": ("datainf",),
+    "tracin": ("tracin",),
+    "ekfac": ("ekfac",),
+    "kfac": ("kfac",),
+}
+METHODS = (*METHOD_GROUPS, "all")
+DEFAULT_METHODS = ("gradsim", "datainf")
+#: What ``--method all`` runs: every estimator that needs nothing the stage may lack (checkpoints).
+ALL_METHODS = ("gradsim", "datainf", "ekfac")
+#: Preference order of the default estimator; raw dot is never the default (see estimators.py).
+_DEFAULT_ORDER = {"pairwise": ("margin", "gradsim_cosine", "datainf", "ekfac", "kfac"),
+                  "sft": ("gradsim_cosine", "margin", "datainf", "ekfac", "kfac")}
+
+
+def expand_methods(methods: Sequence[str] | str) -> tuple[str, ...]:
+    """Method groups (gradsim, datainf, tracin, ekfac, kfac, all) → estimator names, in order."""
+    names = [methods] if isinstance(methods, str) else list(methods)
+    out: list[str] = []
+    for name in names:
+        if name not in METHODS and name not in est.ESTIMATORS:
+            raise InputError(f"--method {name}: unknown; use one of {', '.join(METHODS)}")
+        groups = ALL_METHODS if name == "all" else (name,)
+        for group in groups:
+            for e in METHOD_GROUPS.get(group, (group,)):
+                if e not in out:
+                    out.append(e)
+    if not out:
+        raise InputError("--method: give at least one of " + ", ".join(METHODS))
+    return tuple(out)
+
+
+def resolve_stage(run: RunDir, stage: str | Path) -> Any:
+    """A stage given as a directory, or as a key under ``RUN/align/``."""
+    from alignscope.align.stage import ALIGN_STAGE, StageResult
+
+    candidates = [Path(stage), run.root / ALIGN_STAGE / str(stage)]
+    for path in candidates:
+        if (path / "summary.json").exists():
+            return StageResult.from_dir(path)
+    raise InputError(f"--stage {stage}: no finished stage there (looked for summary.json in "
+                     f"{' and '.join(str(c) for c in candidates)}); pass a stage directory or a key under RUN/align/")
+
+
+def stage_pairs(stage: Any, data: str | Path | None = None) -> list[Any]:
+    """The pairs a stage trained on: its ``pairs.parquet``, or ``data`` for stages that predate it."""
+    from alignscope.align.stage import PAIRS_FILE
+    from alignscope.data.preferences import load_preferences
+
+    if data is not None:
+        return load_preferences(data)
+    path = stage.path / PAIRS_FILE
+    if not path.exists():
+        raise InputError(f"stage {stage.path}: has no {PAIRS_FILE} (trained by an older alignscope); pass the "
+                         "training data with --data")
+    return load_preferences(path)
+
+
+def _probe(probe: Any, options: dict[str, Any] | None) -> Any:
+    from alignscope.audit.runner import available_probes
+
+    known = available_probes()
+    if isinstance(probe, str):
+        if probe not in known:
+            raise InputError(f"--probe {probe}: unknown probe; see `alignscope probes list`")
+        probe = known[probe](**(options or {}))
+    if not callable(getattr(probe, "measurement", None)):
+        usable = sorted(n for n, cls in known.items() if callable(getattr(cls, "measurement", None)))
+        raise InputError(f"probe {probe.name}: declares no differentiable measurement to attribute; probes with "
+                         f"one: {', '.join(usable) or 'none'}")
+    return probe
+
+
+def measurement_terms(probe: Any, items: pd.DataFrame, metric: str | None) -> tuple[list[Any], list[float]]:
+    """The probe's measurement as (score requests, weights)."""
+    names = [m.name for m in probe.metrics]
+    if metric is not None and metric not in names:
+        raise InputError(f"--metric {metric}: probe {probe.name} has metrics {', '.join(names)}")
+    accepts_metric = "metric" in inspect.signature(probe.measurement).parameters
+    terms = probe.measurement(items, metric=metric) if accepts_metric else probe.measurement(items)
+    if not terms:
+        raise InputError(f"probe {probe.name}: its measurement is empty for these items; use more items")
+    return [t[0] for t in terms], [float(t[1]) for t in terms]
+
+
+def default_estimator(method: str, computed: Sequence[str]) -> str:
+    order = _DEFAULT_ORDER["sft" if method == "sft" else "pairwise"]
+    for name in order:
+        if name in computed:
+            return name
+    linear = [c for c in computed if c not in ("self_influence",)]
+    return linear[0] if linear else computed[0]
+
+
+def attribute(run: RunDir | str | Path, stage_dir: str | Path, probe: Any, *, metric: str | None = None,
+              methods: Sequence[str] | str = DEFAULT_METHODS, project_dim: int | None = None,
+              items: pd.DataFrame | None = None, out: RunDir | str | Path | None = None,
+              limit: int | None = None, seed: int = 0, data: str | Path | None = None,
+              probe_options: dict[str, Any] | None = None, dtype: str | None = None,
+              batch_tokens: int = 4096) -> Artefact:
+    """Score every training pair of a stage by its influence on a probe's measurement.
+
+    Args:
+        run: run directory holding the stage (and its reference cache).
+        stage_dir: the stage directory, or its key under ``RUN/align/``.
+        probe: a probe name or instance that declares ``measurement(items)``.
+        metric: the probe metric being explained (recorded; passed to the probe when it accepts it).
+        methods: method groups or estimator names (``gradsim``, ``datainf``, ``tracin``, ``ekfac``,
+            ``kfac``, ``all``).
+        project_dim: random-projection size of the gradients (None: exact gradients).
+        items: the probe's items (default: ``probe.load_items(limit=limit, seed=seed)``).
+        out: where the artefact is written (default: ``run``).
+        data: training pairs for a stage without ``pairs.parquet``.
+        dtype: model weights dtype (default: the stage's training dtype).
+
+    Returns:
+        The ``RUN/attribution/<key>/`` artefact (a cache hit when nothing changed).
+    """
+    from alignscope.data.preferences import preferences_fingerprint
+
+    run = run if isinstance(run, RunDir) else RunDir(run)
+    target = run if out is None else (out if isinstance(out, RunDir) else RunDir(out))
+    estimators = expand_methods(methods)
+    stage = resolve_stage(run, stage_dir)
+    from alignscope.attribute.objective import objective_from_summary
+
+    objective = objective_from_summary(stage.summary)
+    probe = _probe(probe, probe_options)
+    if items is None:
+        items = probe.load_items(limit=limit, seed=seed)
+    requests, weights = measurement_terms(probe, items, metric)
+    pairs = stage_pairs(stage, data)
+    dtype = dtype or stage.summary.get("precision", {}).get("weights", "float32")
+    inputs = {"stage": ATTRIBUTION_STAGE, "align": stage.key, "data": preferences_fingerprint(pairs),
+              "probe": probe.config(), "metric": metric, "estimators": list(estimators), "project_dim": project_dim,
+              "seed": seed, "dtype": dtype,
+              "measurement": content_hash([[r.to_dict(), w] for r, w in zip(requests, weights)])}
+    found = target.find(ATTRIBUTION_STAGE, inputs)
+    if found is not None:
+        return found
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+    lm = stage.load(dtype=dtype)
+    timings["load_s"] = time.perf_counter() - clock
+    result = _compute(run, stage, lm, objective, pairs, requests, weights, estimators, project_dim, seed, dtype,
+                      batch_tokens, timings)
+    from alignscope.models.engine import is_main_process
+
+    if not is_main_process():
+        return Artefact(ATTRIBUTION_STAGE, RunDir.key(inputs), target.path(ATTRIBUTION_STAGE, inputs))
+    frame, summary, logps, mgrad = _outputs(result, stage, objective, pairs, probe, metric, requests, weights)
+    summary["timings"] = {k: round(v, 3) for k, v in timings.items()}
+    summary["items"] = int(len(items))
+    with target.build(ATTRIBUTION_STAGE, inputs) as scratch:
+        atomic_write_parquet(scratch / "scores.parquet", frame)
+        atomic_write_json(scratch / "summary.json", summary)
+        atomic_write_parquet(scratch / "measurement.parquet", pd.DataFrame({
+            "context": [r.context for r in requests], "continuation": [r.continuation for r in requests],
+            "chat": [r.chat for r in requests], "weight": weights, "logprob": logps}))
+        np.save(scratch / "measurement.npy", mgrad.astype(np.float32))
+    found = target.find(ATTRIBUTION_STAGE, inputs)
+    assert found is not None
+    return found
+
+
+@dataclass
+class _Result:
+    gradients: Any
+    scores: dict[str, est.Scores | np.ndarray]
+    logps: np.ndarray
+    measurement: np.ndarray
+    gradient_key: str
+
+
+def _compute(run: RunDir, stage: Any, lm: Any, objective: Any, pairs: list[Any], requests: list[Any],
+             weights: list[float], estimators: tuple[str, ...], project_dim: int | None, seed: int, dtype: str,
+             batch_tokens: int, timings: dict[str, float]) -> _Result:
+    from alignscope.align.config import StageConfig
+    from alignscope.align.reference import stage_reference
+    from alignscope.attribute.gradients import GRADIENT_STAGE, LoraGradients, collect_pair_gradients, \
+        measurement_gradients
+    from alignscope.data.preferences import preferences_fingerprint
+
+    config = StageConfig(**stage.summary["config"])
+    grad_inputs = {"stage": GRADIENT_STAGE, "align": stage.key, "data": preferences_fingerprint(pairs),
+                   "project_dim": project_dim, "seed": seed, "dtype": dtype, "objective": objective.description,
+                   "max_length": config.max_length, "truncation_mode": config.truncation_mode}
+    clock = time.perf_counter()
+    reference = stage_reference(stage.path) if objective.needs_reference else None
+    gs = collect_pair_gradients(lm, pairs, objective, run=run, inputs=grad_inputs, max_length=config.max_length,
+                                truncation_mode=config.truncation_mode, reference=reference,
+                                project_dim=project_dim, seed=seed, batch_tokens=batch_tokens)
+    timings["train_gradients_s"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    logps, mgrad = measurement_gradients(lm, LoraGradients(lm.model, project_dim, seed), requests, weights,
+                                         batch_tokens)
+    timings["measurement_gradients_s"] = time.perf_counter() - clock
+    v = mgrad.astype(np.float64).sum(axis=0)
+    scores: dict[str, est.Scores | np.ndarray] = {}
+    clock = time.perf_counter()
+    products = est.side_products(gs, v)
+    for name in estimators:
+        start = time.perf_counter()
+        if name == "gradsim_dot":
+            scores[name] = est.gradsim_dot(gs, v, products)
+        elif name == "gradsim_cosine":
+            scores[name] = est.gradsim_cosine(gs, v, products)
+        elif name == "margin":
+            scores[name] = est.margin(gs, v, products)
+        elif name == "self_influence":
+            scores[name] = est.self_influence(gs)
+        elif name == "datainf":
+            scores[name] = est.datainf(gs, v)
+        elif name == "tracin":
+            scores[name] = est.tracin(_checkpoints(stage))
+        elif name in ("ekfac", "kfac"):
+            from alignscope.attribute.kfac import kronfluence_scores
+
+            scores[name] = kronfluence_scores(lm, pairs, objective, requests, weights, config=config,
+                                              reference=reference, strategy=name, work=run.root / ".work" / name)
+        timings[f"score_{name}_s"] = time.perf_counter() - start
+    timings["scoring_s"] = time.perf_counter() - clock
+    return _Result(gs, scores, logps, mgrad, gs.path.name)
+
+
+def _checkpoints(stage: Any) -> list[Any]:
+    """TracIn inputs; stages keep no intermediate checkpoints today, so this names the problem."""
+    kept = sorted(stage.path.glob("checkpoints/checkpoint-*"))
+    if not kept:
+        raise InputError(f"--method tracin: stage {stage.path} kept no checkpoints (TracIn sums over saved "
+                         "checkpoints); use --method gradsim or datainf")
+    raise InputError(f"--method tracin: reading checkpoints of {stage.path} is not supported yet")
+
+
+def _outputs(result: _Result, stage: Any, objective: Any, pairs: list[Any], probe: Any, metric: str | None,
+             requests: list[Any], weights: list[float]) -> tuple[pd.DataFrame, dict[str, Any], np.ndarray, np.ndarray]:
+    computed = list(result.scores)
+    default = default_estimator(objective.method, computed)
+    table = result.gradients.table
+    frame = pd.DataFrame({
+        "pair_id": [p.id for p in pairs], "prompt": [p.prompt_text for p in pairs],
+        "chosen": [p.chosen for p in pairs], "rejected": [p.rejected for p in pairs],
+        "planted": [bool(p.planted) for p in pairs], "group": [p.group for p in pairs]})
+    for name, value in result.scores.items():
+        frame[f"score_{name}"] = (value.total[:, 0] if isinstance(value, est.Scores) else np.asarray(value)).astype(float)
+    chosen_default = result.scores[default]
+    for side in ("chosen", "rejected"):
+        if isinstance(chosen_default, est.Scores) and side in chosen_default.sides:
+            frame[f"{side}_{default}"] = chosen_default.sides[side][:, 0]
+        else:
+            frame[f"{side}_{default}"] = 0.0 if side == "rejected" else frame[f"score_{default}"]
+    frame["loss"] = table["loss"].to_numpy()
+    frame["margin"] = table["margin"].to_numpy()
+    order = np.argsort(-frame[f"score_{default}"].to_numpy(), kind="stable")
+    frame["rank"] = 0
+    frame.loc[order, "rank"] = np.arange(1, len(frame) + 1)
+    frame = frame.sort_values("rank").reset_index(drop=True)
+    f_value = float(np.dot(weights, result.logps))
+    summary: dict[str, Any] = {
+        "stage": str(stage.path), "align_key": stage.key, "method": objective.method,
+        "objective": objective.description, "estimators": computed, "default_estimator": default,
+        "sign_convention": est.SIGN_CONVENTION,
+        "measurement": {"probe": probe.name, "metric": metric or probe.metrics[0].name,
+                        "n_requests": len(requests), "value": f_value,
+                        "description": "f(θ) = Σ weight × log p_θ(continuation | context) over the probe's "
+                                       "measurement requests; higher = worse"},
+        "gradients": {"key": result.gradient_key, "dim": int(result.measurement.shape[1])},
+        "n_pairs": len(pairs),
+    }
+    planted = frame["planted"].to_numpy(bool)
+    if planted.any():
+        summary["planted"] = {"n_planted": int(planted.sum()), "k": int(planted.sum()), "estimators": {
+            name: {"auc": est.planted_auc(frame[f"score_{name}"].to_numpy(), planted),
+                   "recall_at_k": est.recall_at_k(frame[f"score_{name}"].to_numpy(), planted)}
+            for name in computed}}
+    return frame, summary, result.logps, result.measurement
+
+
+# --------------------------------------------------------------------------- curation
+
+
+@dataclass
+class Curation:
+    """Pairs kept after dropping the top-k attributed ones, and the random-drop control."""
+
+    kept: list[Any]
+    dropped: list[str]
+    control_kept: list[Any] | None
+    control_dropped: list[str] | None
+
+
+def _ranked_ids(scores: pd.DataFrame | Artefact | str | Path) -> list[str]:
+    if isinstance(scores, Artefact):
+        scores = scores.path
+    if isinstance(scores, (str, Path)):
+        path = Path(scores)
+        path = path / "scores.parquet" if path.is_dir() else path
+        if not path.exists():
+            raise InputError(f"attribution scores {path}: no such file; pass an attribution directory")
+        scores = pd.read_parquet(path)
+    if "pair_id" not in scores.columns or "rank" not in scores.columns:
+        raise InputError("attribution scores need pair_id and rank columns (from `alignscope attribute`)")
+    return scores.sort_values("rank")["pair_id"].astype(str).tolist()
+
+
+def curate(pairs: Sequence[Any], scores: pd.DataFrame | Artefact | str | Path, drop_top: int,
+           random_k: int | None = None, seed: int = 0) -> Curation:
+    """Drop the ``drop_top`` highest-ranked pairs; with ``random_k``, also a seeded random-drop control."""
+    ids = [str(p.id) for p in pairs]
+    if not 0 < drop_top < len(ids):
+        raise InputError(f"--drop-top {drop_top}: must be between 1 and {len(ids) - 1} (the data has {len(ids)} pairs)")
+    ranked = [i for i in _ranked_ids(scores) if i in set(ids)]
+    if len(ranked) < drop_top:
+        raise InputError(f"--drop-top {drop_top}: only {len(ranked)} of the data's pairs have attribution scores")
+    dropped = ranked[:drop_top]
+    kept = [p for p in pairs if str(p.id) not in set(dropped)]
+    control_kept = control_dropped = None
+    if random_k is not None:
+        if not 0 < random_k < len(ids):
+            raise InputError(f"random_k {random_k}: must be between 1 and {len(ids) - 1}")
+        control_dropped = random.Random(f"curate:{seed}:{random_k}").sample(ids, random_k)
+        control_kept = [p for p in pairs if str(p.id) not in set(control_dropped)]
+    return Curation(kept, dropped, control_kept, control_dropped)
