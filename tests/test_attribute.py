@@ -201,3 +201,31 @@ def test_curate_drops_the_top_and_a_random_control(trained, tmp_path):
     assert done.control_dropped == curate(pairs, artefact, drop_top=2, random_k=2, seed=1).control_dropped
     with pytest.raises(InputError, match="drop-top"):
         curate(pairs, artefact, drop_top=len(pairs))
+
+
+def test_cli_attribute_and_curate(trained, tmp_path, capsys):
+    from alignscope.cli import main
+    from alignscope.data.preferences import load_preferences
+    from alignscope.store import RunDir
+
+    def cli(args: list[str]) -> int:
+        with pytest.raises(SystemExit) as exit_info:
+            main(args)
+        return int(exit_info.value.code or 0)
+
+    run, result = trained
+    if result.method != "dpo":
+        pytest.skip("one method is enough for the CLI")
+    assert cli(["attribute", "--run", str(run), "--stage", result.key, "--probe", "no_such_probe"]) == 2
+    assert "no_such_probe" in capsys.readouterr().err
+    assert cli(["attribute", "--run", str(run), "--stage", result.key, "--probe", "planted_bias", "--method", "gradsim",
+          "--limit", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "default estimator: margin" in printed and "planted AUC" in printed
+    key = RunDir(run).latest("attribution").key
+    out = tmp_path / "kept.jsonl"
+    assert cli(["curate", "--run", str(run), "--attribution", key, "--drop-top", "2", "--out", str(out)]) == 0
+    assert len(load_preferences(out)) == len(planted_pairs()) - 2
+    assert cli(["curate", "--run", str(run), "--attribution", key, "--drop-top", "2", "--random", "--out",
+                str(tmp_path / "random.jsonl")]) == 0
+    assert len(load_preferences(tmp_path / "random.jsonl")) == len(planted_pairs()) - 2

@@ -6,6 +6,7 @@ Bad input never shows a traceback: ``InputError`` becomes one line on stderr and
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import sys
 import time
@@ -194,6 +195,61 @@ def align_cmd(
         path = align_command(model, method, data, out, config=config, init_adapter=init_adapter,
                              max_steps=max_steps, epochs=epochs, seed=seed)
     typer.echo(f"aligned -> {path}")
+
+
+@app.command("attribute")
+def attribute_cmd(
+    run: Annotated[Path, typer.Option(help="Run directory holding the stage (and its reference cache).")],
+    stage: Annotated[str, typer.Option(help="Stage directory, or its key under RUN/align/.")],
+    probe: Annotated[str, typer.Option(help="Probe with a differentiable measurement (e.g. planted_bias).")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory to write the attribution "
+                                                "into (default: --run).")] = None,
+    metric: Annotated[Optional[str], typer.Option(help="Probe metric being explained (default: its first).")] = None,
+    method: Annotated[Optional[list[str]], typer.Option(
+        help="gradsim, tracin, datainf, ekfac, kfac or all; repeatable (default: gradsim and datainf).")] = None,
+    project_dim: Annotated[Optional[int], typer.Option(help="Randomly project gradients to K dims.")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Probe items (seeded subset) for quick runs.")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="Training pairs, for a stage without pairs.parquet.")] = None,
+    seed: int = 0,
+) -> None:
+    """Rank a stage's training pairs by how much each moved a probe's metric (positive = towards worse)."""
+    from alignscope.attribute import attribute
+    from alignscope.attribute.core import DEFAULT_METHODS
+
+    if not (Path(run) / "align").is_dir() and not (Path(stage) / "summary.json").exists():
+        raise InputError(f"--run {run}: no align/ stages there; pass the run directory of `alignscope align`")
+    artefact = attribute(run, stage, probe, metric=metric, methods=method or list(DEFAULT_METHODS),
+                         project_dim=project_dim, limit=limit, seed=seed, data=data, out=out)
+    summary = json.loads(artefact.file("summary.json").read_text())
+    default = summary["default_estimator"]
+    typer.echo(f"attribution -> {artefact.path}")
+    typer.echo(f"default estimator: {default}; {summary['sign_convention']}")
+    for name, row in (summary.get("planted") or {}).get("estimators", {}).items():
+        auc, recall = row["auc"], row["recall_at_k"]
+        typer.echo(f"  {name:16s} planted AUC {auc:.3f}  recall@{summary['planted']['k']} {recall:.2f}")
+
+
+@app.command("curate")
+def curate_cmd(
+    run: Annotated[Path, typer.Option(help="Run directory holding the attribution.")],
+    attribution: Annotated[str, typer.Option(help="Attribution directory, or its key under RUN/attribution/.")],
+    drop_top: Annotated[int, typer.Option(help="Drop this many top-ranked pairs.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the kept pairs (.jsonl or .parquet).")],
+    random: Annotated[bool, typer.Option("--random", help="Control: drop as many random pairs instead.")] = False,
+    seed: int = 0,
+) -> None:
+    """Write the training pairs without the top-k attributed ones (or, with --random, k random ones)."""
+    from alignscope.attribute import curate
+    from alignscope.attribute.core import attribution_pairs
+    from alignscope.data.preferences import write_preferences
+
+    path, pairs = attribution_pairs(run, attribution)
+    done = curate(pairs, path, drop_top=drop_top, random_k=drop_top if random else None, seed=seed)
+    kept = done.control_kept if random else done.kept
+    assert kept is not None
+    write_preferences(kept, out)
+    typer.echo(f"kept {len(kept)} of {len(pairs)} pairs ({'random' if random else 'top-attributed'} "
+               f"{drop_top} dropped) -> {out}")
 
 
 @contextlib.contextmanager

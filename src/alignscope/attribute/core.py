@@ -355,3 +355,22 @@ def curate(pairs: Sequence[Any], scores: pd.DataFrame | Artefact | str | Path, d
         control_dropped = random.Random(f"curate:{seed}:{random_k}").sample(ids, random_k)
         control_kept = [p for p in pairs if str(p.id) not in set(control_dropped)]
     return Curation(kept, dropped, control_kept, control_dropped)
+
+
+def attribution_pairs(run: RunDir | str | Path, attribution: str | Path) -> tuple[Path, list[Any]]:
+    """(attribution directory, the training pairs of the stage it explains)."""
+    import json
+
+    run = run if isinstance(run, RunDir) else RunDir(run)
+    candidates = [Path(attribution), run.root / ATTRIBUTION_STAGE / str(attribution)]
+    path = next((c for c in candidates if (c / "summary.json").exists() and (c / "scores.parquet").exists()), None)
+    if path is None:
+        raise InputError(f"--attribution {attribution}: no finished attribution there (looked in "
+                         f"{' and '.join(str(c) for c in candidates)}); pass its directory or key")
+    summary = json.loads((path / "summary.json").read_text())
+    stage_dirs = [run.root / "align" / summary.get("align_key", ""), Path(summary.get("stage", ""))]
+    stage = next((s for s in stage_dirs if (s / "summary.json").exists()), None)
+    if stage is None:
+        raise InputError(f"attribution {path}: its stage {summary.get('align_key')} is not in {run.root}/align; "
+                         "pass the run directory the attribution was made from")
+    return path, stage_pairs(resolve_stage(run, stage))
