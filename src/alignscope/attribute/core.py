@@ -131,7 +131,7 @@ def attribute(run: RunDir | str | Path, stage_dir: str | Path, probe: Any, *, me
               items: pd.DataFrame | None = None, out: RunDir | str | Path | None = None,
               limit: int | None = None, seed: int = 0, data: str | Path | None = None,
               probe_options: dict[str, Any] | None = None, dtype: str | None = None,
-              batch_tokens: int = 4096) -> Artefact:
+              batch_tokens: int = 4096, chunk_pairs: int = 64) -> Artefact:
     """Score every training pair of a stage by its influence on a probe's measurement.
 
     Args:
@@ -146,6 +146,9 @@ def attribute(run: RunDir | str | Path, stage_dir: str | Path, probe: Any, *, me
         out: where the artefact is written (default: ``run``).
         data: training pairs for a stage without ``pairs.parquet``.
         dtype: model weights dtype (default: the stage's training dtype).
+        batch_tokens: padded tokens per forward/backward pass.
+        chunk_pairs: pairs per stored chunk (the resume granularity, and the unit shared between
+            ``accelerate launch`` processes).
 
     Returns:
         The ``RUN/attribution/<key>/`` artefact (a cache hit when nothing changed).
@@ -176,8 +179,8 @@ def attribute(run: RunDir | str | Path, stage_dir: str | Path, probe: Any, *, me
     clock = time.perf_counter()
     lm = stage.load(dtype=dtype)
     timings["load_s"] = time.perf_counter() - clock
-    result = _compute(run, stage, lm, objective, pairs, requests, weights, estimators, project_dim, seed, dtype,
-                      batch_tokens, timings)
+    result = _compute(target, stage, lm, objective, pairs, requests, weights, estimators, project_dim, seed, dtype,
+                      batch_tokens, chunk_pairs, timings)
     from alignscope.models.engine import is_main_process
 
     if not is_main_process():
@@ -208,7 +211,8 @@ class _Result:
 
 def _compute(run: RunDir, stage: Any, lm: Any, objective: Any, pairs: list[Any], requests: list[Any],
              weights: list[float], estimators: tuple[str, ...], project_dim: int | None, seed: int, dtype: str,
-             batch_tokens: int, timings: dict[str, float]) -> _Result:
+             batch_tokens: int, chunk_pairs: int, timings: dict[str, float]) -> _Result:
+    """Gradients (cached in ``run``), measurement gradients and every estimator's scores."""
     from alignscope.align.config import StageConfig
     from alignscope.align.reference import stage_reference
     from alignscope.attribute.gradients import GRADIENT_STAGE, LoraGradients, collect_pair_gradients, \
@@ -223,7 +227,8 @@ def _compute(run: RunDir, stage: Any, lm: Any, objective: Any, pairs: list[Any],
     reference = stage_reference(stage.path) if objective.needs_reference else None
     gs = collect_pair_gradients(lm, pairs, objective, run=run, inputs=grad_inputs, max_length=config.max_length,
                                 truncation_mode=config.truncation_mode, reference=reference,
-                                project_dim=project_dim, seed=seed, batch_tokens=batch_tokens)
+                                project_dim=project_dim, seed=seed, batch_tokens=batch_tokens,
+                                chunk_pairs=chunk_pairs)
     timings["train_gradients_s"] = time.perf_counter() - clock
     clock = time.perf_counter()
     logps, mgrad = measurement_gradients(lm, LoraGradients(lm.model, project_dim, seed), requests, weights,
