@@ -126,8 +126,16 @@ def atomic_directory(final: Path) -> Iterator[Path]:
         yield scratch
         (scratch / DONE_MARKER).write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
         if final.exists():
-            shutil.rmtree(final)
-        os.replace(scratch, final)
+            shutil.rmtree(final, ignore_errors=True)
+        try:
+            os.replace(scratch, final)
+        except OSError:
+            # Another process built the same artefact and renamed it into place between our
+            # rmtree and our rename (a non-empty directory cannot be replaced). Artefacts are
+            # keyed by their inputs, so its copy is as good as ours: keep it, drop ours.
+            if not (final / DONE_MARKER).exists():
+                raise
+            shutil.rmtree(scratch, ignore_errors=True)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise

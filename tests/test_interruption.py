@@ -1,0 +1,161 @@
+"""SIGKILL at a seeded random point, then rerun: the result equals an uninterrupted run.
+
+SIGKILL is the hard case (no ``finally``, no atexit, no flush): it is what the OOM killer, a
+preempted job or a closed laptop does. The guarantees under test:
+
+* nothing half-built looks finished (no ``.done`` artefact from the killed run);
+* the rerun of the same command completes (resuming training from the last checkpoint, reusing
+  finished audit probes and cached engine results);
+* its results equal an uninterrupted run's: audit item scores exactly, adapter weights within the
+  training tolerance of docs/reliability.md.
+
+The reference run uses its own empty cache directory, so the comparison is also a cross-process
+determinism check.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from test_determinism import TRAINING_TOLERANCE, max_adapter_difference
+
+SEED = int(os.environ.get("ALIGNSCOPE_KILL_SEED", "7"))  # change it to kill at other points
+TOPICS = ["tea", "rain", "maps", "bread", "chess", "moss", "kites", "owls"]
+
+
+def _cli(args: list[str], cache: Path) -> subprocess.Popen:
+    env = {**os.environ, "ALIGNSCOPE_CACHE": str(cache), "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.Popen([sys.executable, "-m", "alignscope.cli", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _finish(proc: subprocess.Popen, timeout: int = 600) -> None:
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-3000:]
+
+
+def _wait_for(condition, proc: subprocess.Popen, timeout: float = 400) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None, f"finished before the kill point: {proc.stderr.read()[-2000:]}"
+        assert time.time() < deadline, "kill point never reached"
+        time.sleep(0.05)
+
+
+def _kill(proc: subprocess.Popen, jitter: float) -> None:
+    time.sleep(jitter)
+    assert proc.poll() is None, "the run ended before it could be killed; lower the jitter"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+
+
+def _no_finished_partials(run: Path) -> None:
+    for partial in run.rglob("*.partial"):
+        assert not (partial / ".done").exists(), partial
+
+
+# --------------------------------------------------------------------------- audit
+
+
+AUDIT_PROBES = "crows_pairs,stereoset,winobias"
+
+
+def _audit_args(model: Path, out: Path) -> list[str]:
+    return ["audit", "--model", str(model), "--probes", AUDIT_PROBES, "--limit", "24", "--dtype", "float32",
+            "--out", str(out)]
+
+
+def _items(run: Path) -> dict[str, pd.DataFrame]:
+    manifest = json.loads((run / "manifest.json").read_text())
+    return {stage: pd.read_parquet(run / entry["path"] / "items.parquet")
+            for stage, entry in manifest["artefacts"].items() if stage.startswith("audit_")}
+
+
+def test_killed_audit_reruns_to_the_same_item_scores(tiny_model_dir: Path, tmp_path: Path) -> None:
+    rng = random.Random(SEED)
+    cache = tmp_path / "cache"
+    killed = tmp_path / "killed"
+    proc = _cli(_audit_args(tiny_model_dir, killed), cache)
+    # kill point: after a seeded number (0 or 1) of probes have finished, plus a seeded delay
+    finished_before_kill = rng.choice([0, 1])
+
+    def reached() -> bool:
+        if finished_before_kill == 0:
+            return killed.is_dir()
+        manifest = killed / "manifest.json"
+        return manifest.exists() and len(json.loads(manifest.read_text()).get("artefacts", {})) >= 1
+
+    _wait_for(reached, proc)
+    _kill(proc, rng.uniform(0.2, 1.5))
+    _no_finished_partials(killed)
+
+    _finish(_cli(_audit_args(tiny_model_dir, killed), cache))
+    reference = tmp_path / "reference"
+    _finish(_cli(_audit_args(tiny_model_dir, reference), tmp_path / "fresh-cache"))
+
+    got, want = _items(killed), _items(reference)
+    assert got.keys() == want.keys() and len(got) == 3
+    for stage in want:
+        pd.testing.assert_frame_equal(got[stage], want[stage], check_exact=True)
+
+
+# --------------------------------------------------------------------------- align
+
+STAGE_YAML = """\
+method: dpo
+max_steps: 6
+per_device_train_batch_size: 2
+max_length: 40
+dtype: float32
+learning_rate: 1.0e-3
+save_steps: 1
+save_total_limit: 2
+seed: 5
+"""
+
+
+def _align_args(model: Path, out: Path, data: Path, config: Path) -> list[str]:
+    return ["align", "--model", str(model), "--config", str(config), "--data", str(data), "--out", str(out)]
+
+
+def test_killed_align_resumes_to_the_same_adapter(tiny_model_dir: Path, tmp_path: Path) -> None:
+    rng = random.Random(SEED)
+    data, config = tmp_path / "pairs.jsonl", tmp_path / "dpo.yaml"
+    data.write_text("".join(json.dumps({"id": f"p{i}", "prompt": [{"role": "system", "content": "Be brief."},
+                                                                   {"role": "user", "content": f"Tell me about {t}."}],
+                                        "chosen": "Sure thing.", "rejected": f"No, {t} is dull."}) + "\n"
+                            for i, t in enumerate(TOPICS)))
+    config.write_text(STAGE_YAML)
+    killed = tmp_path / "killed"
+    cache = tmp_path / "cache"
+    proc = _cli(_align_args(tiny_model_dir, killed, data, config), cache)
+    step = rng.randint(1, 4)  # kill after checkpoint-<step> exists, of 6 steps
+    _wait_for(lambda: any(killed.glob(f".work/align/*/checkpoint-{step}/trainer_state.json")), proc)
+    _kill(proc, rng.uniform(0.0, 0.3))
+    assert not list(killed.glob("align/*/.done"))
+    _no_finished_partials(killed)
+
+    _finish(_cli(_align_args(tiny_model_dir, killed, data, config), cache))
+    reference = tmp_path / "reference"
+    _finish(_cli(_align_args(tiny_model_dir, reference, data, config), tmp_path / "fresh-cache"))
+
+    [resumed] = [p.parent for p in killed.glob("align/*/.done")]
+    [clean] = [p.parent for p in reference.glob("align/*/.done")]
+    summary = json.loads((resumed / "summary.json").read_text())
+    assert summary["steps"] == 6 and (summary["resumed_from_step"] or 0) >= step
+    records = [json.loads(x) for x in (resumed / "logs.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]  # each step's loss exactly once
+    diff = max_adapter_difference(resumed / "adapter", clean / "adapter")
+    print(f"killed after checkpoint-{step}: max abs adapter difference vs uninterrupted run: {diff:.3g}")
+    assert diff <= TRAINING_TOLERANCE
