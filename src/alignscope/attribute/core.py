@@ -181,13 +181,24 @@ def attribute(run: RunDir | str | Path, stage_dir: str | Path, probe: Any, *, me
     timings["load_s"] = time.perf_counter() - clock
     result = _compute(target, stage, lm, objective, pairs, requests, weights, estimators, project_dim, seed, dtype,
                       batch_tokens, chunk_pairs, timings)
-    from alignscope.models.engine import is_main_process
+    from alignscope.models.engine import _distributed_state
 
-    if not is_main_process():
-        return Artefact(ATTRIBUTION_STAGE, RunDir.key(inputs), target.path(ATTRIBUTION_STAGE, inputs))
+    state = _distributed_state()
+    if state is None or state.is_main_process:
+        _write(target, inputs, result, stage, objective, pairs, probe, metric, requests, weights, timings, len(items))
+    if state is not None:
+        state.wait_for_everyone()  # other ranks return only once rank 0 has written the artefact
+    found = target.find(ATTRIBUTION_STAGE, inputs)
+    assert found is not None
+    return found
+
+
+def _write(target: RunDir, inputs: dict[str, Any], result: _Result, stage: Any, objective: Any, pairs: list[Any],
+           probe: Any, metric: str | None, requests: list[Any], weights: list[float], timings: dict[str, float],
+           n_items: int) -> None:
     frame, summary, logps, mgrad = _outputs(result, stage, objective, pairs, probe, metric, requests, weights)
     summary["timings"] = {k: round(v, 3) for k, v in timings.items()}
-    summary["items"] = int(len(items))
+    summary["items"] = n_items
     with target.build(ATTRIBUTION_STAGE, inputs) as scratch:
         atomic_write_parquet(scratch / "scores.parquet", frame)
         atomic_write_json(scratch / "summary.json", summary)
@@ -195,9 +206,6 @@ def attribute(run: RunDir | str | Path, stage_dir: str | Path, probe: Any, *, me
             "context": [r.context for r in requests], "continuation": [r.continuation for r in requests],
             "chat": [r.chat for r in requests], "weight": weights, "logprob": logps}))
         np.save(scratch / "measurement.npy", mgrad.astype(np.float32))
-    found = target.find(ATTRIBUTION_STAGE, inputs)
-    assert found is not None
-    return found
 
 
 @dataclass

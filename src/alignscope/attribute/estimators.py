@@ -88,12 +88,21 @@ class _Slice:
     size: int
 
 
+CHUNK_BYTES = 1 << 27  # float64 working set per streamed chunk (128 MiB)
+
+
 def _n(train: Gradients) -> int:
     return int(train.side(train.sides[0]).shape[0])
 
 
-def _chunks(n: int, size: int = CHUNK_ROWS) -> list[slice]:
+def _chunks(n: int, dim: int | None = None) -> list[slice]:
+    """Row slices small enough that a float64 chunk of ``dim`` columns stays near CHUNK_BYTES."""
+    size = CHUNK_ROWS if dim is None else max(1, min(CHUNK_ROWS, CHUNK_BYTES // (8 * max(dim, 1))))
     return [slice(i, min(n, i + size)) for i in range(0, n, size)]
+
+
+def _dim(train: Gradients) -> int:
+    return int(train.side(train.sides[0]).shape[1])
 
 
 def _as_matrix(test: np.ndarray) -> np.ndarray:
@@ -116,7 +125,7 @@ def side_products(train: Gradients, test: np.ndarray) -> dict[str, np.ndarray]:
     u = _as_matrix(test)
     n = _n(train)
     out = {side: np.zeros((n, u.shape[0])) for side in train.sides}
-    for rows in _chunks(n):
+    for rows in _chunks(n, _dim(train)):
         for side in train.sides:
             out[side][rows] = np.asarray(train.side(side)[rows], dtype=np.float64) @ u.T
     return out
@@ -145,7 +154,7 @@ def gradsim_dot(train: Gradients, test: np.ndarray, products: dict[str, np.ndarr
 def loss_norms(train: Gradients, kind: str = "loss") -> np.ndarray:
     n = _n(train)
     out = np.zeros(n)
-    for rows in _chunks(n):
+    for rows in _chunks(n, _dim(train)):
         out[rows] = np.linalg.norm(loss_rows(train, rows, kind), axis=1)
     return out
 
@@ -186,14 +195,14 @@ def datainf_direction(train: Gradients, test: np.ndarray, damping: float = DATAI
     n = _n(train)
     layers = list(train.layers)
     sq = np.zeros((n, len(layers)))
-    for rows in _chunks(n):
+    for rows in _chunks(n, _dim(train)):
         g = loss_rows(train, rows)
         for k, layer in enumerate(layers):
             sq[rows, k] = np.square(g[:, layer.offset:layer.offset + layer.size]).sum(axis=1)
     lam = damping * sq.mean(axis=0)
     lam = np.where(lam > 0, lam, 1e-12)
     r = np.zeros_like(v)
-    for rows in _chunks(n):
+    for rows in _chunks(n, _dim(train)):
         g = loss_rows(train, rows)
         for k, layer in enumerate(layers):
             part = slice(layer.offset, layer.offset + layer.size)

@@ -1,0 +1,181 @@
+"""Attribution benchmark on SmolLM2-135M + a LoRA DPO stage trained on planted data, side by side.
+
+One run, same model, data and measurement (the ``planted_bias`` probe's group-specific gap):
+
+  1. trains a DPO stage (LoRA r=8 q/v, the stage defaults) on clean pairs + planted stereotype
+     pairs (``alignscope.data.planting.plant``), timing every optimizer step;
+  2. ``attribute(..., methods=gradsim+datainf)``: per-pair gradient collection throughput vs the
+     training step's per-pair throughput (median step, steady state), and planted-pair AUC /
+     recall@k of every estimator;
+  3. ``attribute(..., methods=ekfac)``: kronfluence EK-FAC on the same objective and measurement,
+     wall time and AUC;
+  4. scoring alone on a 2,000-pair × 500-measurement problem (random gradients with the stage's
+     layer structure, projected size ``--score-dim``): every estimator's time.
+
+Prints one JSON object (and writes it to ``--out``).
+
+    .venv/bin/python bench/attribute.py [--pairs 40] [--planted 0.15] [--epochs 2] [--items 12]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import TrainerCallback
+
+from alignscope.align import StageConfig, train_stage
+from alignscope.attribute import attribute
+from alignscope.attribute import estimators as est
+from alignscope.data.embedded import load_everyday_prompts
+from alignscope.data.planting import plant
+from alignscope.data.preferences import PreferencePair
+
+WORDS = ("the a you can use this that it is to of and for in with on your first then try make sure keep "
+         "simple good step water time way idea best small next start plan note list check ask help").split()
+
+
+def clean_pairs(n: int, seed: int) -> list[PreferencePair]:
+    """Everyday prompts with short filler replies (12–24 words): the non-planted background."""
+    rng = random.Random(seed)
+    prompts = load_everyday_prompts()
+
+    def reply() -> str:
+        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(12, 24))).capitalize() + "."
+
+    return [PreferencePair(id=f"clean-{i}", prompt=({"role": "user", "content": prompts[i % len(prompts)]},),
+                           chosen=reply(), rejected=reply()) for i in range(n)]
+
+
+class StepTimer(TrainerCallback):
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._t = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._t = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.times.append(time.perf_counter() - self._t)
+
+
+def planted_metrics(summary: dict, name: str) -> dict:
+    row = summary.get("planted", {}).get("estimators", {}).get(name, {})
+    return {"auc": row.get("auc"), "recall_at_k": row.get("recall_at_k")}
+
+
+def scoring_problem(n_train: int, n_test: int, dim: int, n_layers: int, seed: int) -> dict:
+    """Time every estimator on random side gradients shaped like a DPO stage's (two sides)."""
+    rng = np.random.default_rng(seed)
+    size = dim // n_layers
+    slices = [(k * size, (k + 1) * size) for k in range(n_layers)]
+    width = size * n_layers
+    gc = rng.standard_normal((n_train, width), dtype=np.float32)
+    gr = rng.standard_normal((n_train, width), dtype=np.float32)
+    w = rng.uniform(0.01, 1, n_train)
+    train = est.ArrayGradients({"chosen": gc, "rejected": gr},
+                               {"loss": {"chosen": -0.1 * w, "rejected": 0.1 * w},
+                                "margin": {"chosen": np.full(n_train, 0.1), "rejected": np.full(n_train, -0.1)}},
+                               slices)
+    test = rng.standard_normal((n_test, width))
+    out = {"n_train": n_train, "n_test": n_test, "dim": width, "layers": n_layers}
+    started = time.perf_counter()
+    products = est.side_products(train, test)
+    out["side_products_s"] = round(time.perf_counter() - started, 3)
+    for name, fn in (("gradsim_dot", lambda: est.gradsim_dot(train, test, products)),
+                     ("gradsim_cosine", lambda: est.gradsim_cosine(train, test, products)),
+                     ("margin", lambda: est.margin(train, test, products)),
+                     ("datainf", lambda: est.datainf(train, test))):
+        t = time.perf_counter()
+        fn()
+        out[f"{name}_s"] = round(time.perf_counter() - t, 3)
+    out["all_estimators_s"] = round(time.perf_counter() - started, 3)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pairs", type=int, default=40, help="clean pairs")
+    parser.add_argument("--planted", type=float, default=0.15, help="planted pairs as a fraction of --pairs")
+    parser.add_argument("--epochs", type=float, default=2.0)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--items", type=int, default=12, help="planted_bias probe items (4 requests each)")
+    parser.add_argument("--score-train", type=int, default=2000)
+    parser.add_argument("--score-test", type=int, default=500)
+    parser.add_argument("--score-dim", type=int, default=8192)
+    parser.add_argument("--no-ekfac", action="store_true")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/attribute.json"))
+    args = parser.parse_args()
+    result: dict = {"args": vars(args) | {"out": str(args.out)}, "threads": torch.get_num_threads(),
+                    "loadavg_start": open("/proc/loadavg").read().split()[0] if Path("/proc/loadavg").exists() else None}
+
+    pairs = plant(clean_pairs(args.pairs, args.seed), fraction=args.planted, target_group="teachers",
+                  control_group="nurses", seed=args.seed)
+    n_planted = sum(p.planted for p in pairs)
+    with tempfile.TemporaryDirectory(prefix="attr-bench-") as tmp:
+        run = Path(tmp)
+        timer = StepTimer()
+        cfg = StageConfig(method="dpo", num_train_epochs=args.epochs, learning_rate=args.lr, dtype=args.dtype,
+                          seed=args.seed, save_steps=10_000)
+        started = time.perf_counter()
+        stage = train_stage("smollm2-135m", cfg, pairs, run, callbacks=[timer])
+        step = statistics.median(timer.times[1:] or timer.times)
+        result["train"] = {"pairs": len(pairs), "planted": n_planted, "steps": len(timer.times),
+                           "median_step_s": round(step, 3),
+                           "pairs_per_s": round(cfg.per_device_train_batch_size / step, 3),
+                           "wall_s": round(time.perf_counter() - started, 1),
+                           "final_loss": stage.summary["final_loss"], "precision": stage.summary["precision"]}
+        print(json.dumps({"train": result["train"]}), flush=True)
+
+        started = time.perf_counter()
+        ours = attribute(run, stage.path, "planted_bias", methods=["gradsim", "datainf"], limit=args.items)
+        ours_wall = time.perf_counter() - started
+        summary = json.loads(ours.file("summary.json").read_text())
+        timings = summary["timings"]
+        collect_rate = len(pairs) / timings["train_gradients_s"]
+        attribution_s = timings["train_gradients_s"] + timings["measurement_gradients_s"] + timings["scoring_s"]
+        result["ours"] = {
+            "wall_s": round(ours_wall, 2), "timings": timings, "attribution_s": round(attribution_s, 2),
+            "collect_pairs_per_s": round(collect_rate, 3),
+            "collect_vs_train_throughput": round(collect_rate / result["train"]["pairs_per_s"], 3),
+            "default_estimator": summary["default_estimator"], "dim": summary["gradients"]["dim"],
+            "measurement_requests": summary["measurement"]["n_requests"],
+            "planted": {name: planted_metrics(summary, name) for name in summary["estimators"]},
+        }
+        print(json.dumps({"ours": result["ours"]}), flush=True)
+        layers_file = run / "gradients" / summary["gradients"]["key"] / "layers.json"
+        n_layers = len(json.loads(layers_file.read_text())["layers"])  # LoRA A/B weights of the stage
+
+        if not args.no_ekfac:
+            started = time.perf_counter()
+            theirs = attribute(run, stage.path, "planted_bias", methods=["ekfac"], limit=args.items)
+            ek_wall = time.perf_counter() - started
+            ek = json.loads(theirs.file("summary.json").read_text())
+            ek_s = ek["timings"]["score_ekfac_s"]
+            result["ekfac"] = {"wall_s": round(ek_wall, 2), "ekfac_s": round(ek_s, 2),
+                               "planted": planted_metrics(ek, "ekfac")}
+            default = result["ours"]["default_estimator"]
+            result["speedup_vs_ekfac"] = round(ek_s / attribution_s, 2)
+            result["auc_ours_default"] = result["ours"]["planted"][default]["auc"]
+            result["auc_ekfac"] = result["ekfac"]["planted"]["auc"]
+            print(json.dumps({"ekfac": result["ekfac"]}), flush=True)
+
+    result["scoring"] = scoring_problem(args.score_train, args.score_test, args.score_dim, n_layers, args.seed)
+    print(json.dumps({"scoring": result["scoring"]}), flush=True)
+    result["loadavg_end"] = open("/proc/loadavg").read().split()[0] if Path("/proc/loadavg").exists() else None
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
