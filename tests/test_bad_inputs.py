@@ -23,6 +23,7 @@ Case schema (YAML list per file)::
         big.jsonl: {text: '{"prompt": "{fill}"', fill: 5000000}   # {fill} = that many 'x'
       out_exists: false            # true: create {out} with a file first; nothing new may appear
       expect: ["pairs.jsonl", "line 2", "not valid JSON"]
+      absent: [kept.jsonl]         # further outputs (relative to {tmp}) that must not appear
       subprocess: false
 
 Placeholders: ``{tmp}`` the case directory, ``{out}`` = ``{tmp}/run``, and the prepared models in
@@ -65,7 +66,8 @@ def test_corpus_is_large_and_ids_unique() -> None:
     assert len(ids) >= 40, len(ids)
     assert len(set(ids)) == len(ids), [i for i in ids if ids.count(i) > 1]
     for case in CASES:
-        assert set(case) <= {"id", "args", "files", "out_exists", "expect", "subprocess", "why", "_file"}, case["id"]
+        assert set(case) <= {"id", "args", "files", "out_exists", "expect", "subprocess", "why", "absent",
+                             "_file"}, case["id"]
         assert case["expect"], f"{case['id']}: say what the message must contain"
 
 
@@ -181,6 +183,8 @@ def _check(case: dict[str, Any], code: int | None, stdout: str, stderr: str, out
     assert len(line) <= MAX_MESSAGE, f"{label}: message of {len(line)} characters: {line[:300]}..."
     for fragment in case["expect"]:
         assert fragment in line, f"{label}: {fragment!r} missing from: {line}"
+    for name in case.get("absent", []):
+        assert not (out.parent / name).exists(), f"{label}: {name} was written"
     if before is None:
         assert not out.exists(), f"{label}: {out} was created: {sorted(_snapshot(out))[:10]}"
     else:
