@@ -172,6 +172,47 @@ def compare_cmd(
             typer.echo(f"  -> {path}")
 
 
+RunArg = Annotated[Path, typer.Argument(help="Run directory of `alignscope study` (or of `alignscope audit`).")]
+
+
+@app.command("report")
+def report_cmd(
+    run: RunArg,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Directory for report.html/.json "
+                                                "(default: the run directory).")] = None,
+) -> None:
+    """Rebuild the static HTML report and report.json from a run's stored artefacts."""
+    from alignscope.report import build_report
+
+    paths = build_report(run, out)
+    typer.echo(f"report -> {paths.html}\nvalues -> {paths.json}")
+
+
+@app.command("view")
+def view_cmd(
+    run: RunArg,
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0: any free port).")] = 8000,
+    rebuild: Annotated[bool, typer.Option(help="Rebuild the report first even if it exists.")] = False,
+) -> None:
+    """Serve a run's report on 127.0.0.1 only (built first if missing); Ctrl-C stops."""
+    from alignscope.report import REPORT_HTML, build_report
+    from alignscope.report.serve import make_server, url
+
+    if not 0 <= port <= 65535:
+        raise InputError(f"--port {port}: must be between 0 and 65535")
+    html = Path(run) / REPORT_HTML
+    if rebuild or not html.is_file():
+        html = build_report(run).html
+    server = make_server(html, port)
+    typer.echo(f"serving {html} at {url(server)} (127.0.0.1 only; Ctrl-C stops)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        typer.echo("stopped")
+    finally:
+        server.server_close()
+
+
 @app.command("align")
 def align_cmd(
     out: OutOpt,
