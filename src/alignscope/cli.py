@@ -238,6 +238,24 @@ def align_cmd(
     typer.echo(f"aligned -> {path}")
 
 
+@app.command("study")
+def study_cmd(
+    config: Annotated[Optional[Path], typer.Argument(
+        help="Study YAML (examples in configs/); omitted: the embedded default study.")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory to write into.")] = Path("runs/default"),
+    quick: Annotated[bool, typer.Option("--quick", help="Smoke run: a few pairs, steps and items.")] = False,
+) -> None:
+    """Base model → preference data → alignment → audits → compare → attribution → curation → report."""
+    from alignscope.study import load_study_config, quick as quick_config, run_study
+
+    settings = load_study_config(config)
+    if quick:
+        settings = quick_config(settings)
+    with _no_empty_run_dir(out):
+        report = run_study(settings, out, quick=quick)
+    typer.echo(f"report -> {report}")
+
+
 @app.command("attribute")
 def attribute_cmd(
     run: Annotated[Path, typer.Option(help="Run directory holding the stage (and its reference cache).")],

@@ -1,0 +1,77 @@
+"""End-to-end study runs: the tiny model (fast, every step) and `study --quick` on the real SmolLM2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from alignscope.cli import main
+from alignscope.study import StudyConfig, quick, run_study
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_study(model_dir: Path) -> StudyConfig:
+    return quick(StudyConfig.model_validate({"model": str(model_dir), "seed": 3}))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    out = tmp_path_factory.mktemp("study")
+    run_study(tiny_study(tiny_model_dir), out, quick=True, say=lambda _: None)
+    return out
+
+
+def test_study_writes_every_step(tiny_run: Path) -> None:
+    record = json.loads((tiny_run / "study.json").read_text())
+    names = [s["name"] for s in record["stages"]]
+    assert names[:4] == ["data", "audit base", "align dpo", "audit dpo"]
+    assert {"compare", "attribute", "report"} <= set(names)
+    assert any(n.startswith("curate curated_attributed") for n in names)
+    assert any(n.startswith("curate curated_random") for n in names)
+    assert all(s["status"] in ("done", "cached") and s["seconds"] >= 0 for s in record["stages"])
+    pairs = pd.read_parquet(tiny_run / record["data"] / "pairs.parquet")
+    assert pairs["planted"].sum() >= 1 and (~pairs["planted"]).sum() >= 1
+    comparison = pd.read_parquet(tiny_run / record["comparisons"][0]["path"] / "comparison.parquet")
+    assert "group_gap" in set(comparison["metric"])
+    curve = pd.read_parquet(tiny_run / record["curation"] / "curve.parquet")
+    assert set(curve["arm"]) == {"attributed", "random"} and curve["value"].notna().all()
+    assert (tiny_run / "report.html").is_file()
+
+
+def test_rerun_is_all_cache_hits(tiny_run: Path, tiny_model_dir: Path) -> None:
+    lines: list[str] = []
+    run_study(tiny_study(tiny_model_dir), tiny_run, quick=True, say=lines.append)
+    record = json.loads((tiny_run / "study.json").read_text())
+    align = next(s for s in record["stages"] if s["name"] == "align dpo")
+    assert align["status"] == "cached"
+    assert any("[1/" in line for line in lines)  # progress is shown for every step
+
+
+def test_cli_bad_config_exits_2_without_run_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "s.yaml"
+    config.write_text("arms: {dpo: [{method: dpo}]}\nattribution: {probe: covert}\n", encoding="utf-8")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["study", str(config), "--out", str(tmp_path / "run")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "attribution.probe 'covert' must also be in audit.probes" in err[0]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.integration
+def test_quick_study_on_smollm2(tmp_path: Path) -> None:
+    """The README's main command in smoke form, as a user runs it (a real subprocess)."""
+    out = tmp_path / "quick"
+    done = subprocess.run([sys.executable, "-m", "alignscope.cli", "study", "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "report -> " in done.stdout
+    record = json.loads((out / "study.json").read_text())
+    assert record["quick"] is True and record["finished_at"]
+    assert (out / "report.html").stat().st_size > 10_000
