@@ -302,9 +302,6 @@ def _curate(config: StudyConfig, pairs: list[Any], stages: list[Any], out: Path,
 
 
 def _report(out: Path) -> Path:
-    try:
-        from alignscope.report import build_report
-    except ImportError:  # the report package is optional only while it is being built
-        return out / STUDY_FILE
-    html, _ = build_report(out)
-    return Path(html)
+    from alignscope.report import build_report
+
+    return Path(build_report(out).html)
