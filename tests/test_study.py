@@ -55,12 +55,12 @@ def test_rerun_is_all_cache_hits(tiny_run: Path, tiny_model_dir: Path) -> None:
 
 def test_cli_bad_config_exits_2_without_run_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "s.yaml"
-    config.write_text("arms: {dpo: [{method: dpo}]}\nattribution: {probe: covert}\n", encoding="utf-8")
+    config.write_text("arms: {dpo: [{method: dpo}]}\nattribution: {probe: toxicity}\n", encoding="utf-8")
     with pytest.raises(SystemExit) as exit_info:
         main(["study", str(config), "--out", str(tmp_path / "run")])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "attribution.probe 'covert' must also be in audit.probes" in err[0]
+    assert len(err) == 1 and "attribution.probe 'toxicity' must also be in audit.probes" in err[0]
     assert not (tmp_path / "run").exists()
 
 

@@ -13,6 +13,7 @@ and compared with the base.
 
 from __future__ import annotations
 
+import copy
 import difflib
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ class _Strict(BaseModel):
 class SynthesisSettings(_Strict):
     """On-policy pairs: two sampled replies per prompt from the base model, ranked by a local reward."""
 
-    n_pairs: int = Field(96, ge=2, description="Clean pairs to synthesise (before planting).")
+    n_pairs: int = Field(64, ge=2, description="Clean pairs to synthesise (before planting).")
     reward: str = Field("helpful_harmless", description="A reward name from alignscope.data.synthesis.REWARDS.")
     max_new_tokens: int = Field(40, ge=4)
     temperature: float = Field(0.9, gt=0)
@@ -42,7 +43,7 @@ class SynthesisSettings(_Strict):
 class PlantSettings(_Strict):
     """Stereotype-endorsing pairs added as ground truth (see alignscope.data.planting)."""
 
-    fraction: float = Field(0.2, gt=0, le=1, description="Planted pairs added, as a fraction of the clean pairs.")
+    fraction: float = Field(0.25, gt=0, le=1, description="Planted pairs added, as a fraction of the clean pairs.")
     target_group: str = "teachers"
     control_group: str = "nurses"
     traits: list[str] | None = None
@@ -84,6 +85,15 @@ class CurationSettings(_Strict):
         return value
 
 
+#: The default arm. Tuned on this CPU (64 clean + 16 planted pairs, one epoch): with DPO's stage
+#: defaults (lr 5e-5, LoRA on q/v) the planted gap moved by only +0.06 nats; lr 5e-4 (q/v) gave the
+#: same; lr 2e-3 with LoRA on every linear layer gave +0.32 nats (95 % CI 0.06-0.53). Recorded in
+#: BENCHMARKS.md.
+DEFAULT_ARM = [{"method": "dpo", "learning_rate": 2e-3,
+                "lora": {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                            "down_proj"]}}]
+
+
 class StudyConfig(_Strict):
     name: str = "default"
     seed: int = 0
@@ -92,7 +102,7 @@ class StudyConfig(_Strict):
     batch_tokens: int = Field(4096, ge=64)
     data: DataSettings = Field(default_factory=DataSettings)
     arms: dict[str, list[dict[str, Any]]] = Field(
-        default_factory=lambda: {"dpo": [{"method": "dpo"}]},
+        default_factory=lambda: {"dpo": copy.deepcopy(DEFAULT_ARM)},
         description="Named recipes: a list of stage settings each (alignscope align --config format).")
     audit: AuditSettings = Field(default_factory=AuditSettings)
     attribution: AttributionSettings | None = Field(default_factory=AttributionSettings)

@@ -135,7 +135,9 @@ def make_data(engine: Any, config: StudyConfig, run: RunDir) -> tuple[list[Any],
         atomic_write_json(scratch / "summary.json", {
             "n_pairs": len(pairs), "n_planted": sum(p.planted for p in pairs), **stats,
             "source": settings.source or "synthesised from the base model", "plant": inputs["plant"]})
-    return pairs, run.path("data", inputs)
+    # Train on what was stored (Parquet normalises meta), so a resumed study trains on identical pairs.
+    path = run.path("data", inputs)
+    return pairs_from_frame(pd.read_parquet(path / "pairs.parquet")), path
 
 
 # --------------------------------------------------------------------------- models
@@ -183,7 +185,8 @@ def run_study(config: StudyConfig, out: Path, *, quick: bool = False,
     record = StudyRecord(out, config, quick, say)
     curation_runs = (len(config.curation.ks or [0]) * (1 + len(config.curation.random_seeds))
                      if config.curation else 0)
-    record.total = (1 + 2 * len(config.arms) + 1 + bool(config.attribution) + curation_runs + 1)
+    # data, audit base, align + audit per arm, compare, attribute, curation runs, report
+    record.total = 2 + 2 * len(config.arms) + 1 + bool(config.attribution) + curation_runs + 1
     started = time.perf_counter()
 
     base = load(config.model, dtype=config.dtype)
