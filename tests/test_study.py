@@ -64,14 +64,48 @@ def test_cli_bad_config_exits_2_without_run_dir(tmp_path: Path, capsys: pytest.C
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.integration
-def test_quick_study_on_smollm2(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
     """The README's main command in smoke form, as a user runs it (a real subprocess)."""
-    out = tmp_path / "quick"
+    out = tmp_path_factory.mktemp("quick") / "run"
     done = subprocess.run([sys.executable, "-m", "alignscope.cli", "study", "--quick", "--out", str(out)],
-                          capture_output=True, text=True, timeout=900, cwd=REPO)
+                          capture_output=True, text=True, timeout=1200, cwd=REPO)
+    return out, done
+
+
+@pytest.mark.integration
+def test_quick_study_on_smollm2(quick_run) -> None:
+    out, done = quick_run
     assert done.returncode == 0, done.stderr[-3000:]
     assert "report -> " in done.stdout
     record = json.loads((out / "study.json").read_text())
     assert record["quick"] is True and record["finished_at"]
+    assert [s["status"] for s in record["stages"]].count("failed") == 0
     assert (out / "report.html").stat().st_size > 10_000
+
+
+@pytest.mark.integration
+@pytest.mark.browser
+def test_quick_study_report_in_chromium(quick_run, tmp_path: Path) -> None:
+    """Headless Chromium opens the quick study's own report: key sections, plots, a clean console."""
+    from test_report_browser import CHROMIUM, CHROMIUM_ARGS
+
+    out, done = quick_run
+    assert done.returncode == 0, done.stderr[-3000:]
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is absent: install Debian's chromium package (make browser)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    problems: list[str] = []
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.on("console", lambda m: problems.append(f"{m.type}: {m.text}") if m.type in ("error", "warning") else None)
+        page.on("pageerror", lambda e: problems.append(f"uncaught: {e}"))
+        page.goto((out / "report.html").resolve().as_uri(), wait_until="load")
+        for section in ("provenance", "training", "comparison", "planted", "attribution", "curation"):
+            assert page.locator(f"section#{section}").get_attribute("data-status") == "shown", section
+        for plot in ("plot-training-curves", "plot-planted-gap", "plot-attribution-recovery", "plot-curation-curve"):
+            assert page.locator(f"figure#{plot} svg").count() == 1, plot
+        page.screenshot(path=str(tmp_path / "quick-report.png"), full_page=True)
+        browser.close()
+    assert problems == []
