@@ -159,3 +159,46 @@ def test_killed_align_resumes_to_the_same_adapter(tiny_model_dir: Path, tmp_path
     diff = max_adapter_difference(resumed / "adapter", clean / "adapter")
     print(f"killed after checkpoint-{step}: max abs adapter difference vs uninterrupted run: {diff:.3g}")
     assert diff <= TRAINING_TOLERANCE
+
+
+def _study_values(run: Path) -> dict[str, object]:
+    """What a study computed: planted-probe item scores per model, attribution scores, the curve."""
+    record = json.loads((run / "study.json").read_text())
+    out: dict[str, object] = {}
+    for label, rel in record["audits"].items():
+        items = sorted((run / rel).glob("audit_planted_bias/*/items.parquet"))
+        out[f"audit:{label}"] = pd.read_parquet(items[-1])["gap"].round(5).tolist()
+    scores = pd.read_parquet(run / record["attribution"] / "scores.parquet")
+    out["attribution"] = list(zip(scores["pair_id"], scores["rank"]))
+    curve = pd.read_parquet(run / record["curation"] / "curve.parquet")
+    out["curve"] = curve[["label", "planted_dropped"]].values.tolist()
+    return out
+
+
+def test_killed_study_resumes_to_the_same_results(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """SIGKILL a quick study on the tiny model once a seeded number of steps are done (plus a seeded
+    delay into the next step); the rerun finishes and equals an uninterrupted study."""
+    config = tmp_path / "study.yaml"
+    config.write_text(f"model: {tiny_model_dir}\nseed: 5\n", encoding="utf-8")
+    rng = random.Random(SEED)
+    steps_done, jitter = rng.randint(1, 5), rng.uniform(0.0, 2.0)
+
+    reference = tmp_path / "reference"
+    _finish(_cli(["study", str(config), "--quick", "--out", str(reference)], tmp_path / "cache-reference"))
+
+    killed = tmp_path / "killed"
+    cache = tmp_path / "cache-killed"
+    proc = _cli(["study", str(config), "--quick", "--out", str(killed)], cache)
+
+    def enough_steps() -> bool:
+        record = killed / "study.json"
+        try:
+            return len(json.loads(record.read_text())["stages"]) >= steps_done
+        except (OSError, ValueError, KeyError):
+            return False
+
+    _wait_for(enough_steps, proc)
+    _kill(proc, jitter)
+    assert not (killed / "report.html").exists()
+    _finish(_cli(["study", str(config), "--quick", "--out", str(killed)], cache))
+    assert _study_values(killed) == _study_values(reference)
