@@ -89,3 +89,49 @@ def test_compare_refuses_different_item_sets_unless_intersect(tiny_lm, tmp_path)
     assert (table["n"] <= 20).all()
     with pytest.raises(InputError, match="no audit results"):
         audited_probes(tmp_path)
+
+
+@register
+class ExtraMetricProbe(YesNoProbe):
+    """Test probe whose instances add a metric when given data (like TruthfulQA MC1/MC2)."""
+
+    name = "test_extra_metric"
+    EXTRA = Metric("margin_tail", "margin", "90th percentile of the margin", "nats", (-50, 50),
+                   "higher_is_worse", 0, statistic=lambda x: float(np.percentile(x, 90)))
+
+    def load_items(self, data=None, limit=None, seed=0):
+        self.metrics = type(self).metrics + ((self.EXTRA,) if data is not None else ())
+        return super().load_items(None, limit, seed)
+
+
+_p90 = ExtraMetricProbe.EXTRA.statistic
+_p90.__name__ = "p90_for_tests"
+
+
+def test_compare_uses_the_metrics_recorded_in_both_runs(tiny_lm, tmp_path):
+    data = tmp_path / "data.txt"
+    data.write_text("x")
+    engine = Engine(tiny_lm, cache=None, progress=False)
+    for run in ("a", "b"):
+        audit(engine, ["test_extra_metric"], tmp_path / run, data={"test_extra_metric": data})
+    audit(engine, ["test_extra_metric"], tmp_path / "plain")
+    summary = json.loads(audited_probes(tmp_path / "a")["test_extra_metric"].file("summary.json").read_text())
+    assert summary["metrics"]["margin_tail"]["statistic"] == "p90_for_tests"
+    table = compare(tmp_path / "a", tmp_path / "b")
+    assert list(table["metric"]) == ["yes_pct", "yes_margin", "margin_tail"]  # the instance metric too
+    row = table.set_index("metric").loc["margin_tail"]
+    assert row["delta"] == 0 and row["value_a"] == pytest.approx(summary["metrics"]["margin_tail"]["value"])
+    # reported by one run only: left out, the shared metrics are still compared
+    assert list(compare(tmp_path / "a", tmp_path / "plain")["metric"]) == ["yes_pct", "yes_margin"]
+
+
+def test_compare_refuses_metrics_defined_differently(tiny_lm, tmp_path):
+    engine = Engine(tiny_lm, cache=None, progress=False)
+    audit(engine, ["test_yes_no"], tmp_path / "a")
+    audit(engine, ["test_yes_no"], tmp_path / "b")
+    path = audited_probes(tmp_path / "b")["test_yes_no"].file("summary.json")
+    summary = json.loads(path.read_text())
+    summary["metrics"]["yes_margin"]["direction"] = "higher_is_better"
+    path.write_text(json.dumps(summary))
+    with pytest.raises(InputError, match="yes_margin.*differently"):
+        compare(tmp_path / "a", tmp_path / "b")

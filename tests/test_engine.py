@@ -132,3 +132,57 @@ def test_real_smollm2_shared_scoring_bf16_close_to_fp32(smollm2_dir):
     assert [r.logprob for r in fp32] == pytest.approx([sum(x) for x in ref], abs=1e-3)
     bf16 = Engine(load("smollm2-135m", dtype="bfloat16"), cache=None, progress=False).score(reqs)
     assert max(abs(a.logprob - b.logprob) for a, b in zip(fp32, bf16)) < 0.5
+
+
+def test_contexts_sharing_a_beginning_are_packed_once_and_scored_exactly(tiny_lm):
+    """Different contexts with a common start (a system prompt, a template's opening) share it."""
+    from alignscope.models.hf_backend import HFBackend
+
+    system = "You are a helpful assistant. Answer with one word, and think about the question first."
+    reqs = [ScoreRequest(q, a, chat=True, system=system)
+            for q in ("Is the sky blue?", "Is grass red?", "Is water wet?") for a in ("Yes.", "No.")]
+    reqs += [ScoreRequest(f"The {w} of the story is", c) for w in ("hero", "villain") for c in (" brave", " kind")]
+    got = Engine(tiny_lm, cache=None, progress=False).score(reqs)
+    want = reference_logprobs(tiny_lm, reqs)
+    for res, ref in zip(got, want):
+        assert res.token_logprobs == pytest.approx(ref, abs=1e-4)
+    backend = HFBackend(tiny_lm)
+    encoded = [backend.encode_score(i, r) for i, r in enumerate(reqs)]
+    shared = sum(row.length for row in backend._rows(encoded))
+    backend.share_context = False
+    alone = sum(row.length for row in backend._rows(encoded))
+    system_tokens = len(tiny_lm.tokenizer(system)["input_ids"])
+    assert shared <= alone - 2 * system_tokens  # the system prompt is fed once, not three times
+
+
+def test_samples_do_not_depend_on_batch_or_k(tiny_lm):
+    req = GenerateRequest("Once upon a time", max_new_tokens=6, temperature=1.0, num_samples=3, seed=7)
+    alone = Engine(tiny_lm, cache=None, progress=False).generate([req])[0].texts
+    others = [GenerateRequest(p, max_new_tokens=6, temperature=1.0, num_samples=3, seed=7)
+              for p in ("A long time ago, in a land far away,", "Hi")]
+    batched = Engine(tiny_lm, cache=None, progress=False).generate(others + [req])[-1].texts
+    assert batched == alone
+    fewer = GenerateRequest("Once upon a time", max_new_tokens=6, temperature=1.0, num_samples=2, seed=7)
+    assert Engine(tiny_lm, cache=None, progress=False).generate([fewer])[0].texts == alone[:2]
+    assert len(set(alone)) > 1  # k samples are not copies of one draw
+
+
+def test_greedy_decode_loop_matches_transformers_generate(tiny_lm):
+    prompts = ["Tell me a story about", "Hi", "Is lying ever acceptable?"]
+    reqs = [GenerateRequest(p, max_new_tokens=8) for p in prompts]
+    reqs += [GenerateRequest("Is stealing wrong?", max_new_tokens=8, chat=True, system="Answer briefly.")]
+    ours = Engine(tiny_lm, cache=None, progress=False).generate(reqs)
+    theirs = Engine(tiny_lm, cache=None, progress=False, share_prompt=False).generate(reqs)
+    assert [r.texts for r in ours] == [r.texts for r in theirs]
+
+
+def test_thread_setting_is_validated_and_restored(tiny_lm):
+    import torch
+
+    from alignscope.errors import InputError
+
+    with pytest.raises(InputError, match="threads"):
+        Engine(tiny_lm, cache=None, threads=0)
+    before = torch.get_num_threads()
+    Engine(tiny_lm, cache=None, progress=False, threads=1).generate([GenerateRequest("Hi", max_new_tokens=2)])
+    assert torch.get_num_threads() == before

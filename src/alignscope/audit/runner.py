@@ -8,6 +8,7 @@ options, the data and the limit, so re-auditing the same model is free.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -134,31 +135,97 @@ def audited_probes(run: Path) -> dict[str, Artefact]:
 
 def compare(run_a: Path, run_b: Path, *, intersect: bool = False, seed: int = 0,
             n_boot: int = 2000, n_perm: int = 5000) -> pd.DataFrame:
-    """Paired comparison of every metric audited in both runs, Holm-corrected across all of them."""
-    registry = available_probes()
+    """Paired comparison of every metric audited in both runs, Holm-corrected across all of them.
+
+    The metrics are those recorded in both runs' ``summary.json`` (with their metadata: column,
+    direction, ideal, statistic, binary), so metrics a probe adds per run — TruthfulQA MC1/MC2
+    when the MC file was supplied — are compared too, and a metric only one run reported is left out.
+    """
     a_probes, b_probes = audited_probes(run_a), audited_probes(run_b)
-    common = [p for p in a_probes if p in b_probes and p in registry]
+    common = [p for p in a_probes if p in b_probes]
     if not common:
         raise InputError(f"{run_a} and {run_b} share no audited probe; audit both with the same --probes")
     rows, comparisons = [], []
     for probe in common:
-        metrics = {m.name: m for m in registry[probe].metrics}
         items_a = pd.read_parquet(a_probes[probe].file("items.parquet"))
         items_b = pd.read_parquet(b_probes[probe].file("items.parquet"))
+        metrics = _shared_metrics(probe, a_probes[probe], b_probes[probe], items_a, items_b)
+        if not metrics:
+            continue
         try:
             idx_a, idx_b = align_items(items_a["item_id"].tolist(), items_b["item_id"].tolist(), intersect)
         except InputError as exc:
             raise InputError(f"probe {probe}: {exc}") from exc
         items_a, items_b = items_a.iloc[idx_a].reset_index(drop=True), items_b.iloc[idx_b].reset_index(drop=True)
-        for metric in metrics.values():
+        for metric in metrics:
             row, comparison = _compare_metric(probe, metric, items_a, items_b, seed, n_boot, n_perm)
             rows.append(row)
             comparisons.append(comparison)
+    if not rows:
+        raise InputError(f"{run_a} and {run_b} share no metric; audit both with the same --probes and --data")
     adjusted = holm(comparisons)
     for row, comp in zip(rows, adjusted):
         row["p_holm"] = comp.p_adjusted
         row["significant"] = bool(comp.p_adjusted is not None and comp.p_adjusted < 0.05 and comp.test != "identical")
     return pd.DataFrame(rows)
+
+
+def _recorded_metrics(probe: str, artefact: Artefact) -> dict[str, dict[str, Any]]:
+    """Metric metadata as stored in the run's summary.json (class metrics for summaries without it)."""
+    summary = json.loads(artefact.file("summary.json").read_text())
+    recorded = summary.get("metrics") or {}
+    if recorded and all("column" in m for m in recorded.values()):
+        return dict(recorded)
+    registry = available_probes()
+    if probe not in registry:
+        raise InputError(f"probe {probe}: its summary.json has no metric metadata and the probe is not installed; "
+                         "re-run the audit with this version of alignscope")
+    return {m.name: m.metadata() for m in registry[probe].metrics}
+
+
+def _shared_metrics(probe: str, artefact_a: Artefact, artefact_b: Artefact, items_a: pd.DataFrame,
+                    items_b: pd.DataFrame) -> list[Metric]:
+    """Metrics reported by both runs, rebuilt from run A's metadata; definitions must agree."""
+    meta_a, meta_b = _recorded_metrics(probe, artefact_a), _recorded_metrics(probe, artefact_b)
+    metrics = []
+    for name, a in meta_a.items():
+        b = meta_b.get(name)
+        if b is None:
+            continue
+        for key in ("column", "statistic", "direction", "ideal", "binary"):
+            if a.get(key) != b.get(key):
+                raise InputError(f"probe {probe}, metric {name}: the runs define it differently ({key} "
+                                 f"{a.get(key)!r} vs {b.get(key)!r}); audit both with the same alignscope version")
+        if a["column"] not in items_a or a["column"] not in items_b:
+            raise InputError(f"probe {probe}, metric {name}: item column {a['column']!r} is missing from a run's "
+                             "items.parquet; the run directory looks damaged")
+        low, high = (a.get("range") or [None, None])
+        metrics.append(Metric(
+            name=name, column=a["column"], description=a.get("description", ""), unit=a.get("unit", ""),
+            range=(-np.inf if low is None else float(low), np.inf if high is None else float(high)),
+            direction=a["direction"], ideal=float(a["ideal"]), statistic=_statistic(probe, name, a["statistic"]),
+            binary=bool(a.get("binary", False))))
+    return metrics
+
+
+def _statistic(probe: str, metric: str, name: str) -> Any:
+    """The statistic function a summary names, found among the installed probes' metric
+    definitions (class metrics, and metrics defined on the class or its module that instances add)."""
+    import sys
+
+    from alignscope.audit import base
+
+    known: dict[str, Any] = {"mean": base.mean, "percent": base.percent}
+    for cls in available_probes().values():
+        module = sys.modules.get(cls.__module__)
+        for value in [*vars(cls).values(), *(vars(module).values() if module else ())]:
+            for m in value if isinstance(value, tuple | list) else (value,):
+                if isinstance(m, Metric):
+                    known.setdefault(m.statistic.__name__, m.statistic)
+    if name not in known:
+        raise InputError(f"probe {probe}, metric {metric}: statistic {name!r} is not defined by any installed probe; "
+                         "compare with the alignscope version that audited the runs")
+    return known[name]
 
 
 def _compare_metric(probe: str, metric: Metric, items_a: pd.DataFrame, items_b: pd.DataFrame,

@@ -21,7 +21,7 @@ from alignscope.models.requests import GenerateRequest, GenerateResult, ScoreReq
 from alignscope.store import content_hash, default_cache_dir
 
 # Bump when a change would alter stored numbers, so old cache entries stop matching.
-ENGINE_VERSION = "1"
+ENGINE_VERSION = "2"  # 2: own decode loop with shared prompts and per-sample generators
 
 
 class Backend(Protocol):
@@ -83,16 +83,23 @@ class Engine:
     Args:
         lm: the loaded model.
         batch_tokens: token budget per forward pass (padded rows × longest row).
-        share_context: compute a shared context once for all its continuations.
+        share_context: compute shared contexts (and common beginnings of contexts) once.
+        share_prompt: generate with the engine's decode loop (each prompt run once, its cache
+            repeated for the k samples); False uses transformers' ``generate``.
+        threads: torch threads per model pass: ``"auto"`` (default) uses the cores other
+            processes leave free at that moment (1 on a busy shared machine, all when idle), an
+            integer fixes it, None keeps torch's setting.
         cache: a ``ResultCache``, ``None`` for no cache, or ``"default"`` for the user cache dir.
         progress: show progress bars (only on the main process).
     """
 
     def __init__(self, lm: LoadedModel, batch_tokens: int = 4096, share_context: bool = True,
                  cache: ResultCache | str | None = "default", progress: bool = True,
-                 backend: Backend | None = None) -> None:
+                 backend: Backend | None = None, share_prompt: bool = True,
+                 threads: int | str | None = "auto") -> None:
         self.lm = lm
-        self.backend: Backend = backend or HFBackend(lm, batch_tokens=batch_tokens, share_context=share_context)
+        self.backend: Backend = backend or HFBackend(lm, batch_tokens=batch_tokens, share_context=share_context,
+                                                     share_prompt=share_prompt, threads=threads)
         if cache == "default":
             cache = ResultCache(default_cache_dir() / "engine.sqlite")
         self.cache = cache if isinstance(cache, ResultCache) else None
