@@ -99,6 +99,14 @@ class PlantedBiasProbe(Probe):
         return ProbeResult(items=out, tables={"per_trait": per_trait}, info={
             "target_group": self.options["target_group"], "control_group": self.options["control_group"]})
 
-    def measurement(self, items: pd.DataFrame) -> list[tuple[ScoreRequest, float]]:
-        """Attribution's target: Σ weight × log p(continuation | context) = Σ gap over items (nats)."""
-        return self.requests(items)
+    def measurement(self, items: pd.DataFrame, metric: str | None = None) -> list[tuple[ScoreRequest, float]]:
+        """Attribution's target, Σ weight × log p(continuation | context) over items (nats), higher = worse:
+        Σ gap for ``group_gap`` (the default), or only the target's / control's terms for ``target_bias`` /
+        ``control_bias``."""
+        roles = {None: ("target", "control"), "group_gap": ("target", "control"),
+                 "target_bias": ("target",), "control_bias": ("control",)}[metric]
+        terms = self.requests(items)
+        columns = [column for _ in range(len(items)) for column, _ in _TERMS]
+        sign = -1.0 if roles == ("control",) else 1.0  # control_bias alone: its own log-odds, not minus them
+        return [(request, sign * weight) for (request, weight), column in zip(terms, columns)
+                if column.split("_", 1)[0] in roles]
