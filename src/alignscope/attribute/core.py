@@ -50,6 +50,7 @@ _DEFAULT_ORDER = {"pairwise": ("margin", "gradsim_cosine", "datainf", "ekfac", "
 def expand_methods(methods: Sequence[str] | str) -> tuple[str, ...]:
     """Method groups (gradsim, datainf, tracin, ekfac, kfac, all) → estimator names, in order."""
     names = [methods] if isinstance(methods, str) else list(methods)
+    names = [part.strip() for name in names for part in name.split(",") if part.strip()]  # "gradsim,datainf"
     out: list[str] = []
     for name in names:
         if name not in METHODS and name not in est.ESTIMATORS:
