@@ -59,3 +59,13 @@ def tiny_lm(tiny_model_dir: Path):
     from alignscope.models import load
 
     return load(str(tiny_model_dir), dtype="float32")
+
+
+def free_port() -> str:
+    """A TCP port nothing listens on now, for `accelerate launch --main_process_port` (a fixed port
+    collides when two suites or helpers run multi-process tests at once)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])

@@ -12,6 +12,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 from alignscope.align import align_command, stage_reference
 from alignscope.data.preferences import PreferencePair, write_preferences
@@ -43,12 +44,14 @@ def test_dpo_stage_under_accelerate_with_two_cpu_processes(tiny_model_dir: Path,
 
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", "29541", str(script), str(tiny_model_dir), str(data), str(tmp_path / "run2"),
+           "--main_process_port", free_port(), str(script), str(tiny_model_dir), str(data), str(tmp_path / "run2"),
            str(config)]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, stdin=subprocess.DEVNULL)
     assert done.returncode == 0, done.stderr[-4000:]
-    [stage_dir] = {line.split(" ", 1)[1] for line in done.stdout.splitlines() if line.startswith("STAGE ")}
+    stages = {line.split(" ", 1)[1] for line in done.stdout.splitlines() if line.startswith("STAGE ")}
+    assert len(stages) == 1, f"stdout: {done.stdout[-2000:]!r}\nstderr: {done.stderr[-2000:]!r}"
+    [stage_dir] = stages
     stage_dir = Path(stage_dir)
     summary = json.loads((stage_dir / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["steps"] == 2 and math.isfinite(summary["final_loss"])

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import free_port
 
 from alignscope.align import StageConfig, train_stage
 from alignscope.attribute import attribute
@@ -40,7 +41,7 @@ def test_two_processes_give_the_same_scores_as_one(tiny_model_dir: Path, tmp_pat
     script.write_text(WORKER)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", "29547", str(script), str(tmp_path / "run"), str(stage.path), str(tmp_path / "two")]
+           "--main_process_port", free_port(), str(script), str(tmp_path / "run"), str(stage.path), str(tmp_path / "two")]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, stdin=subprocess.DEVNULL)
     assert done.returncode == 0, done.stderr[-4000:]

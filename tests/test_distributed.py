@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import free_port
 
 pytestmark = pytest.mark.multiproc
 
@@ -19,7 +20,7 @@ def accelerate_cmd(num_processes: int) -> list[str]:
     if num_processes == 1:
         return [sys.executable, "-m"]
     return launcher + ["--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1",
-                       "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533", "-m"]
+                       "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", free_port(), "-m"]
 
 
 def test_two_cpu_processes_give_the_same_scores(tiny_model_dir: Path, tmp_path: Path):
