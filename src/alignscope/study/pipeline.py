@@ -149,11 +149,6 @@ def _engine(lm: Any, config: StudyConfig) -> Any:
     return Engine(lm, batch_tokens=config.batch_tokens)
 
 
-def _release(*objects: Any) -> None:
-    del objects
-    gc.collect()
-
-
 def _audit_model(lm: Any, config: StudyConfig, probes: Sequence[str], out: Path) -> None:
     data = {k: Path(v) for k, v in config.audit.data.items() if k in probes}
     audit(_engine(lm, config), probes, out, limit=config.audit.limit, data=data,
@@ -198,7 +193,8 @@ def run_study(config: StudyConfig, out: Path, *, quick: bool = False,
     with record.step("audit base") as entry:
         _audit_model(base, config, probes, out / "audits" / "base")
         entry["artefact"] = record.data["audits"]["base"] = "audits/base"
-    _release(base_engine, base)
+    del base_engine, base  # one model in memory at a time
+    gc.collect()
 
     finals = {}
     for arm, stages in arm_stages.items():
@@ -212,7 +208,8 @@ def run_study(config: StudyConfig, out: Path, *, quick: bool = False,
             lm = finals[arm].load(dtype=config.dtype)
             _audit_model(lm, config, probes, out / "audits" / arm)
             entry["artefact"] = record.data["audits"][arm] = f"audits/{arm}"
-            _release(lm)
+            del lm
+            gc.collect()
 
     with record.step("compare") as entry:
         for arm in config.arms:
@@ -279,7 +276,8 @@ def _curate(config: StudyConfig, pairs: list[Any], stages: list[Any], out: Path,
                 result = train_recipe(config.model, stages, kept, out)[-1]
                 lm = result.load(dtype=config.dtype)
                 _audit_model(lm, config, [probe], out / "audits" / label)
-                _release(lm)
+                del lm
+                gc.collect()
                 record.data["audits"][label] = f"audits/{label}"
                 value = _metric_value(out / "audits" / label, probe, metric)
                 table = compare(out / "audits" / arm, out / "audits" / label, seed=config.seed)
