@@ -39,9 +39,11 @@ import torch
 
 from alignscope.attribute.objective import LogProbModel, Objective, Row, encode_pair
 from alignscope.errors import InputError
+from alignscope.models.hf_backend import token_batches
 from alignscope.store import RunDir, atomic_write_json, atomic_write_parquet
 
 GRADIENT_STAGE = "gradients"
+MAX_ROWS = 64  # rows per backward pass: bounds the per-row activation copies the hooks keep
 LAYERS_FILE = "layers.json"
 TABLE_FILE = "pairs.parquet"
 
@@ -184,22 +186,6 @@ class LoraGradients:
 # --------------------------------------------------------------------------- batching
 
 
-def token_batches(lengths: Sequence[int], batch_tokens: int, max_rows: int = 64) -> list[list[int]]:
-    """Indices grouped into length-sorted batches whose padded size stays under ``batch_tokens``."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        longest = lengths[current[0]] if current else lengths[i]
-        if current and ((len(current) + 1) * longest > batch_tokens or len(current) >= max_rows):
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
-
-
 # --------------------------------------------------------------------------- pair gradients
 
 
@@ -259,7 +245,7 @@ def reference_logprobs(lp: LogProbModel, rows: dict[str, list[Row]], batch_token
     with torch.no_grad(), (model.disable_adapter() if hasattr(model, "disable_adapter") else _null()):
         for side, side_rows in rows.items():
             values = np.zeros(len(side_rows))
-            for batch in token_batches([len(r.ids) for r in side_rows], batch_tokens):
+            for batch in token_batches([len(r.ids) for r in side_rows], batch_tokens, MAX_ROWS):
                 values[batch] = lp([side_rows[i] for i in batch]).double().cpu().numpy()
             out[side] = values
     return out
@@ -361,7 +347,7 @@ def collect_pair_gradients(lm: Any, pairs: Sequence[Any], objective: Objective, 
         n = {side: np.array([rows[side][i].n_scored for i in members], dtype=np.float64) for side in objective.sides}
         side_rows = [rows[side][i] for side in objective.sides for i in members]
         local = [len(r.ids) for r in side_rows]
-        for batch in token_batches(local, batch_tokens):
+        for batch in token_batches(local, batch_tokens, MAX_ROWS):
             values, g = grads.per_row(lambda hook, b=batch: lp([side_rows[j] for j in b], input_hook=hook))
             for j, value, grad in zip(batch, values.double().cpu().numpy(), g.numpy()):
                 side = objective.sides[j // len(members)]
@@ -431,7 +417,7 @@ def measurement_gradients(lm: Any, grads: LoraGradients, requests: Sequence[Any]
     logps = np.zeros(len(rows))
     out = np.zeros((len(rows), grads.dim), dtype=np.float32)
     w = np.asarray(weights, dtype=np.float64)
-    for batch in token_batches([len(r.ids) for r in rows], batch_tokens):
+    for batch in token_batches([len(r.ids) for r in rows], batch_tokens, MAX_ROWS):
         values, g = grads.per_row(lambda hook, b=batch: lp([rows[j] for j in b], input_hook=hook))
         logps[batch] = values.double().cpu().numpy()
         out[batch] = g.numpy() * w[batch, None]

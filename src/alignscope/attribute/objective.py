@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from alignscope.errors import InputError
+from alignscope.models.hf_backend import common_prefix
 
 SUPPORTED_METHODS = ("sft", "dpo", "ipo", "orpo", "kto")
 _DPO_LOSSES = ("sigmoid", "ipo", "hinge")
@@ -55,13 +56,6 @@ def _chat_ids(tokenizer: Any, messages: list[dict[str, str]], generation_prompt:
     return list(out["input_ids"])
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def encode_pair(tokenizer: Any, pair: Any, sides: Sequence[str], max_length: int | None,
@@ -71,7 +65,7 @@ def encode_pair(tokenizer: Any, pair: Any, sides: Sequence[str], max_length: int
     prompt_ids = _chat_ids(tokenizer, prompt, True)
     fulls = [_chat_ids(tokenizer, prompt + [{"role": "assistant", "content": getattr(pair, s)}], False)
              for s in sides]
-    start = min(_common_prefix(prompt_ids, f) for f in fulls)
+    start = min(common_prefix(prompt_ids, f) for f in fulls)
     rows = []
     for full in fulls:
         mask = [0] * start + [1] * (len(full) - start)

@@ -86,13 +86,32 @@ class _Row:
         return at
 
 
-def _common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens two id sequences share."""
     n = 0
     for x, y in zip(a, b):
         if x != y:
             break
         n += 1
     return n
+
+
+def token_batches(lengths: Sequence[int], batch_tokens: int, max_rows: int | None = None) -> list[list[int]]:
+    """Indices grouped into longest-first batches whose padded size (rows × longest) stays under
+    ``batch_tokens`` (and at most ``max_rows`` rows); ties keep their input order."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        longest = lengths[current[0]] if current else lengths[i]
+        full = (len(current) + 1) * longest > batch_tokens or (max_rows is not None and len(current) >= max_rows)
+        if current and full:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
 
 
 class HFBackend:
@@ -196,7 +215,7 @@ class HFBackend:
         rows = []
         row, previous, prefix_at = _Row(), (), []
         for enc in sorted(encoded, key=lambda e: e.prefix):
-            shared = _common_prefix(previous, enc.prefix) if row.spans else 0
+            shared = common_prefix(previous, enc.prefix) if row.spans else 0
             shared = min(shared, len(enc.prefix))
             added = len(enc.prefix) - shared + len(enc.continuation) - 1
             if row.spans and row.length + added > limit:
@@ -210,18 +229,7 @@ class HFBackend:
 
     def _batches(self, rows: list[_Row]) -> list[list[_Row]]:
         """Length-sorted batches whose padded size (rows × longest) stays under the token budget."""
-        rows = sorted(rows, key=lambda r: r.length, reverse=True)
-        batches: list[list[_Row]] = []
-        current: list[_Row] = []
-        for row in rows:
-            longest = current[0].length if current else row.length
-            if current and (len(current) + 1) * longest > self.batch_tokens:
-                batches.append(current)
-                current = []
-            current.append(row)
-        if current:
-            batches.append(current)
-        return batches
+        return [[rows[i] for i in batch] for batch in token_batches([r.length for r in rows], self.batch_tokens)]
 
     def score(self, requests: Sequence[ScoreRequest], progress: bool = True) -> list[ScoreResult]:
         encoded = [self.encode_score(i, r) for i, r in enumerate(requests)]
