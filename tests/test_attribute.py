@@ -105,8 +105,9 @@ class EchoProbe(Probe):
     def load_items(self, data=None, limit=None, seed=0) -> pd.DataFrame:
         return pd.DataFrame({"question": ["Tell me about teachers.", "What about teachers?"]})
 
-    def run(self, engine, items) -> ProbeResult:  # pragma: no cover - not used here
-        raise NotImplementedError
+    def run(self, engine, items) -> ProbeResult:
+        logprobs = [r.logprob for r in engine.score([request for request, _ in self.measurement(items)])]
+        return ProbeResult(items=items.assign(item_id=[f"q{i}" for i in range(len(items))], lp=logprobs))
 
     def measurement(self, items: pd.DataFrame) -> list[tuple[ScoreRequest, float]]:
         return [(ScoreRequest(q, PLANTED, chat=True, system=SYSTEM["content"]), 1.0) for q in items["question"]]
@@ -179,11 +180,9 @@ def test_tracin_without_checkpoints_and_probe_without_measurement_are_clear(trai
         attribute(run, "nope", EchoProbe())
 
 
+@pytest.mark.parametrize("trained", ["dpo"], indirect=True)  # one objective is enough for this path
 def test_ekfac_through_kronfluence_agrees_in_direction(trained):
-    pytest.importorskip("kronfluence")
     run, result = trained
-    if result.method != "dpo":
-        pytest.skip("one method is enough for the kronfluence path")
     artefact = attribute(run, result.path, EchoProbe(), methods=["datainf", "ekfac"])
     scores = pd.read_parquet(artefact.file("scores.parquet")).set_index("pair_id")
     assert scores.loc["x0", "score_ekfac"] > 0 and scores.loc["x1", "score_ekfac"] > 0
@@ -203,6 +202,7 @@ def test_curate_drops_the_top_and_a_random_control(trained, tmp_path):
         curate(pairs, artefact, drop_top=len(pairs))
 
 
+@pytest.mark.parametrize("trained", ["dpo"], indirect=True)  # one objective is enough for the CLI
 def test_cli_attribute_and_curate(trained, tmp_path, capsys):
     from alignscope.cli import main
     from alignscope.data.preferences import load_preferences
@@ -214,8 +214,6 @@ def test_cli_attribute_and_curate(trained, tmp_path, capsys):
         return int(exit_info.value.code or 0)
 
     run, result = trained
-    if result.method != "dpo":
-        pytest.skip("one method is enough for the CLI")
     assert cli(["attribute", "--run", str(run), "--stage", result.key, "--probe", "no_such_probe"]) == 2
     assert "no_such_probe" in capsys.readouterr().err
     assert cli(["attribute", "--run", str(run), "--stage", result.key, "--probe", "planted_bias", "--method", "gradsim",

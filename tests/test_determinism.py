@@ -12,8 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
-import pytest
-import torch
 from safetensors.torch import load_file
 
 from alignscope.audit.runner import audit

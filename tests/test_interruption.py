@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import pytest
 
 from test_determinism import TRAINING_TOLERANCE, max_adapter_difference
 

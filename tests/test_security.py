@@ -145,7 +145,7 @@ def test_manifest_entries_cannot_redirect_reads(tmp_path: Path) -> None:
 
 def test_study_arm_names_are_path_safe() -> None:
     """Arm names become directory names in a study run; they are restricted like stage names."""
-    config = pytest.importorskip("alignscope.study.config")
+    from alignscope.study import config
     from pydantic import ValidationError
 
     for bad in ("../x", "a/b", "base", ""):
