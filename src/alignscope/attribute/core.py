@@ -357,17 +357,20 @@ def curate(pairs: Sequence[Any], scores: pd.DataFrame | Artefact | str | Path, d
     ids = [str(p.id) for p in pairs]
     if not 0 < drop_top < len(ids):
         raise InputError(f"--drop-top {drop_top}: must be between 1 and {len(ids) - 1} (the data has {len(ids)} pairs)")
-    ranked = [i for i in _ranked_ids(scores) if i in set(ids)]
+    known = set(ids)
+    ranked = [i for i in _ranked_ids(scores) if i in known]
     if len(ranked) < drop_top:
         raise InputError(f"--drop-top {drop_top}: only {len(ranked)} of the data's pairs have attribution scores")
     dropped = ranked[:drop_top]
-    kept = [p for p in pairs if str(p.id) not in set(dropped)]
+    drop = set(dropped)
+    kept = [p for p in pairs if str(p.id) not in drop]
     control_kept = control_dropped = None
     if random_k is not None:
         if not 0 < random_k < len(ids):
             raise InputError(f"random_k {random_k}: must be between 1 and {len(ids) - 1}")
         control_dropped = random.Random(f"curate:{seed}:{random_k}").sample(ids, random_k)
-        control_kept = [p for p in pairs if str(p.id) not in set(control_dropped)]
+        drop = set(control_dropped)
+        control_kept = [p for p in pairs if str(p.id) not in drop]
     return Curation(kept, dropped, control_kept, control_dropped)
 
 

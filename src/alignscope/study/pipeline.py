@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import gc
 import json
-import random
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -250,29 +249,32 @@ def _attribute(config: StudyConfig, stage_dir: Path, out: Path) -> Path:
 def _curate(config: StudyConfig, pairs: list[Any], stages: list[Any], out: Path, record: StudyRecord,
             train_recipe: Callable[..., Any]) -> Path:
     """Retrain without the top-k attributed pairs and without k random ones; re-audit; store the curve."""
+    from alignscope.attribute import curate
+
     assert config.attribution is not None and config.curation is not None
     run = RunDir(out)
     probe = config.attribution.probe
     metric = config.attribution.metric or available_probes()[probe].metrics[0].name
-    scores = pd.read_parquet(out / record.data["attribution"] / "scores.parquet").sort_values("rank")
+    scores = out / record.data["attribution"] / "scores.parquet"
     n_planted = int(sum(p.planted for p in pairs))
     ks = config.curation.ks or [max(n_planted, 1)]
     arm = config.attributed_arm
     base_value = _metric_value(out / "audits" / "base", probe, metric)
     aligned_value = _metric_value(out / "audits" / arm, probe, metric)
     increase = aligned_value - base_value
-    ids = [str(p.id) for p in pairs]
     planted_ids = {str(p.id) for p in pairs if p.planted}
     rows = []
     for k in ks:
         if k >= len(pairs):
             raise InputError(f"study config: curation.ks contains {k}, but the data has only {len(pairs)} pairs")
-        drops = [("attributed", None, scores["pair_id"].astype(str).head(k).tolist())]
-        drops += [("random", s, random.Random(f"curate:{s}:{k}").sample(ids, k)) for s in config.curation.random_seeds]
-        for arm_kind, seed, dropped in drops:
+        top = curate(pairs, scores, drop_top=k)
+        drops = [("attributed", None, top.kept, top.dropped)]
+        for random_seed in config.curation.random_seeds:
+            control = curate(pairs, scores, drop_top=k, random_k=k, seed=random_seed)
+            drops.append(("random", random_seed, control.control_kept, control.control_dropped))
+        for arm_kind, seed, kept, dropped in drops:
             label = f"curated_{arm_kind}_k{k}" + (f"_s{seed}" if seed is not None else "")
             with record.step(f"curate {label}") as entry:
-                kept = [p for p in pairs if str(p.id) not in set(dropped)]
                 result = train_recipe(config.model, stages, kept, out)[-1]
                 lm = result.load(dtype=config.dtype)
                 _audit_model(lm, config, [probe], out / "audits" / label)
