@@ -402,6 +402,18 @@ class HFBackend:
                 ids.update(int(v) for v in value)
         return ids
 
+    def _left_padded(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Prompts right-aligned in one (ids, attention mask) pair, and the pad id used."""
+        tok = self.lm.tokenizer
+        width = max(len(p) for p in prompts)
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+        attn = torch.zeros((len(prompts), width), dtype=torch.long)
+        for b, p in enumerate(prompts):
+            ids[b, width - len(p):] = torch.tensor(p)
+            attn[b, width - len(p):] = 1
+        return ids, attn, pad_id
+
     def _decode_batch(self, prompts: list[list[int]], reqs: list[GenerateRequest]) -> list[list[str]]:
         """Prompts run once (left-padded); their cache is repeated k times; then token by token.
 
@@ -414,13 +426,7 @@ class HFBackend:
         k, new_tokens = settings.num_samples, settings.max_new_tokens
         tok = self.lm.tokenizer
         device = self.lm.device
-        width = max(len(p) for p in prompts)
-        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-        attn = torch.zeros((len(prompts), width), dtype=torch.long)
-        for b, p in enumerate(prompts):
-            ids[b, width - len(p):] = torch.tensor(p)
-            attn[b, width - len(p):] = 1
+        ids, attn, _ = self._left_padded(prompts)
         positions = (attn.cumsum(-1) - 1).clamp(min=0)
         out = self._decoder(input_ids=ids.to(device), attention_mask=attn.to(device),
                             position_ids=positions.to(device), use_cache=True)
@@ -483,13 +489,8 @@ class HFBackend:
         """transformers' ``generate`` (``share_prompt=False``): each prompt is run k times and the
         global torch seed is set once per batch (the engine's behaviour before ENGINE_VERSION 2)."""
         tok = self.lm.tokenizer
-        width = max(len(p) for p in prompts)
-        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-        attn = torch.zeros((len(prompts), width), dtype=torch.long)
-        for b, p in enumerate(prompts):
-            ids[b, width - len(p):] = torch.tensor(p)
-            attn[b, width - len(p):] = 1
+        ids, attn, pad_id = self._left_padded(prompts)
+        width = ids.shape[1]
         sample = settings.temperature > 0
         kwargs: dict[str, Any] = dict(
             max_new_tokens=settings.max_new_tokens, do_sample=sample,
