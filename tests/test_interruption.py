@@ -201,3 +201,18 @@ def test_killed_study_resumes_to_the_same_results(tiny_model_dir: Path, tmp_path
     assert not (killed / "report.html").exists()
     _finish(_cli(["study", str(config), "--quick", "--out", str(killed)], cache))
     assert _study_values(killed) == _study_values(reference)
+
+
+def test_a_checkpoint_killed_while_saving_is_skipped_and_removed(tmp_path: Path) -> None:
+    """CI found it: a kill during a save leaves checkpoint-N without trainer_state.json (written last)."""
+    from alignscope.align.stage import _last_complete_checkpoint
+
+    assert _last_complete_checkpoint(tmp_path) is None
+    for step, state in [(2, "{}"), (10, "{}"), (12, None), (14, '{"trunc')]:
+        ckpt = tmp_path / f"checkpoint-{step}"
+        ckpt.mkdir()
+        (ckpt / "adapter_model.safetensors").write_bytes(b"x")
+        if state is not None:
+            (ckpt / "trainer_state.json").write_text(state)
+    assert _last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")  # numeric, not lexical
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10", "checkpoint-2"]

@@ -142,6 +142,28 @@ def _append_line(path: Path, record: dict[str, Any]) -> None:
         os.close(fd)
 
 
+def _last_complete_checkpoint(work: Path) -> str | None:
+    """The newest checkpoint that the Trainer finished writing, or None.
+
+    Why: a kill during a save leaves ``checkpoint-N`` without ``trainer_state.json`` (the Trainer writes
+    it last), and resuming from that half-written directory fails. Such directories are removed (by
+    the main process) so checkpoint rotation never counts them either.
+    """
+    complete: list[tuple[int, Path]] = []
+    for path in work.glob("checkpoint-*"):
+        step = path.name.removeprefix("checkpoint-")
+        if not (path.is_dir() and step.isdigit()):
+            continue
+        try:
+            json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            if _is_main():
+                shutil.rmtree(path, ignore_errors=True)
+            continue
+        complete.append((int(step), path))
+    return str(max(complete)[1]) if complete else None
+
+
 def _truncate_log(path: Path, last_step: int) -> None:
     """Drop log lines after ``last_step`` (before resuming from that checkpoint)."""
     if not path.exists():
@@ -297,7 +319,6 @@ def train_stage(model: str | Path, stage: StageConfig, pairs: Sequence[Any], out
     """
     import torch
     from transformers import set_seed
-    from transformers.trainer_utils import get_last_checkpoint
 
     from alignscope.align.recipes import NonFiniteLoss, build_dataset, build_trainer, build_trl_args
     from alignscope.align.reference import ReferenceStore, chat_template_hash, reference_inputs
@@ -339,7 +360,7 @@ def train_stage(model: str | Path, stage: StageConfig, pairs: Sequence[Any], out
     work = run.root / ".work" / ALIGN_STAGE / key
     work.mkdir(parents=True, exist_ok=True)
     log_path = work / LOG_FILE
-    last = get_last_checkpoint(str(work)) if any(work.glob("checkpoint-*")) else None
+    last = _last_complete_checkpoint(work)
     resumed_step = int(Path(last).name.split("-")[-1]) if last else 0
     if _is_main():
         if last:
@@ -368,7 +389,7 @@ def train_stage(model: str | Path, stage: StageConfig, pairs: Sequence[Any], out
     try:
         trainer.train(resume_from_checkpoint=last)
     except NonFiniteLoss as exc:
-        good = get_last_checkpoint(str(work)) if any(work.glob("checkpoint-*")) else None
+        good = _last_complete_checkpoint(work)
         if _is_main():
             atomic_write_json(work / "failed.json", {"step": exc.step, "loss": str(exc.value),
                                                      "last_good_checkpoint": good})
