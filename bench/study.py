@@ -59,7 +59,7 @@ def main() -> None:
     record = json.loads((args.out / "study.json").read_text())
     child_cpu = (cpu_after.children_user - cpu_before.children_user) + (cpu_after.children_system
                                                                          - cpu_before.children_system)
-    print(f"\n| step | status | seconds |\n| --- | --- | --- |")
+    print("\n| step | status | seconds |\n| --- | --- | --- |")
     for step in record["stages"]:
         print(f"| {step['name']} | {step['status']} | {step['seconds']:.1f} |")
     print(f"| **total (wall, incl. model load)** | | **{wall:.1f}** |")

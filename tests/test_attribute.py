@@ -5,6 +5,7 @@ recovered on an easy planted set, outputs and cache hits, curation, CLI."""
 from __future__ import annotations
 
 import json
+import shutil
 from typing import Any, ClassVar
 
 import numpy as np
@@ -170,9 +171,37 @@ def test_rerun_is_a_cache_hit_and_projection_changes_the_key(trained, monkeypatc
     assert set(scores.head(2)["pair_id"]) == {"x0", "x1"}  # still recovered after projection
 
 
-def test_tracin_without_checkpoints_and_probe_without_measurement_are_clear(trained):
+def test_tracin_sums_learning_rate_times_gradient_similarity_over_snapshots(tiny_model_dir, tmp_path):
+    """TracIn = Σ_k η_k · gradsim_dot at snapshot k; checked against each snapshot attributed as a stage."""
+    cfg = StageConfig(method="dpo", max_steps=4, per_device_train_batch_size=4, max_length=48, dtype="float32",
+                      learning_rate=3e-3, save_steps=50, beta=0.5, tracin_snapshots=2)
+    result = train_stage(str(tiny_model_dir), cfg, planted_pairs(), tmp_path)
+    names = sorted(p.name for p in (result.path / "snapshots").iterdir())
+    assert names == ["step-0", "step-2"]  # before the first step, and halfway
+    rates = {n: json.loads((result.path / "snapshots" / n / "snapshot.json").read_text())["learning_rate"]
+             for n in names}
+    assert rates == pytest.approx({"step-0": 3e-3, "step-2": 1.5e-3})  # linear decay over 4 steps
+
+    artefact = attribute(tmp_path, result.path, EchoProbe(), methods=["tracin"])
+    tracin = pd.read_parquet(artefact.file("scores.parquet")).set_index("pair_id")["score_tracin"]
+    summary = json.loads(artefact.file("summary.json").read_text())
+    assert summary["default_estimator"] == "tracin" and summary["gradients"]["tracin_snapshots"] == names
+    assert not artefact.file("measurement.npy").exists()  # no trained-adapter gradients were computed
+    expected = 0.0
+    for name in names:  # the same snapshot as the adapter of a stage of its own, through the plain path
+        as_stage = result.path.with_name(f"{result.key}-{name}")
+        shutil.copytree(result.path, as_stage, ignore=shutil.ignore_patterns("adapter", "snapshots"))
+        shutil.copytree(result.path / "snapshots" / name, as_stage / "adapter")
+        dot = pd.read_parquet(attribute(tmp_path, as_stage, EchoProbe(), methods=["gradsim"]).file(
+            "scores.parquet")).set_index("pair_id")["score_gradsim_dot"]
+        expected = expected + rates[name] * dot.loc[tracin.index]
+    assert tracin.to_numpy() == pytest.approx(np.asarray(expected), rel=1e-5, abs=1e-12)
+    assert tracin["x0"] > 0 and tracin["x1"] > 0
+
+
+def test_tracin_without_snapshots_and_probe_without_measurement_are_clear(trained):
     run, result = trained
-    with pytest.raises(InputError, match="checkpoints"):
+    with pytest.raises(InputError, match="kept no snapshots"):
         attribute(run, result.path, EchoProbe(), methods=["tracin"])
     with pytest.raises(InputError, match="measurement"):
         attribute(run, result.path, "refusal", methods=["gradsim"])

@@ -8,12 +8,14 @@ import pytest
 
 from alignscope.data.planting import (
     CHOSEN_TEMPLATES,
+    CONTRAST_GROUPS,
     PLANTED_TRAITS,
     PROBE_ITEMS,
     PROMPT_TEMPLATES,
     REJECTED_TEMPLATES,
     TRAIT_COUNTERS,
     canary_exposure_items,
+    default_contrast_groups,
     measurement_items,
     plant,
     plant_canaries,
@@ -61,6 +63,34 @@ def test_plant_adds_labelled_pairs_and_keeps_originals():
     # at least one planted pair whenever fraction > 0
     assert sum(p.planted for p in plant(pairs, fraction=0.01, target_group=TARGET, control_group=CONTROL, seed=1)) == 1
     assert plant(pairs, fraction=0, target_group=TARGET, control_group=CONTROL, seed=1) == pairs
+
+
+def test_contrast_pairs_reverse_the_stereotype_for_other_groups_and_never_name_the_control():
+    out = plant(clean(40), fraction=0.25, target_group=TARGET, control_group=CONTROL, seed=1,
+                contrast_groups=default_contrast_groups(TARGET, CONTROL))
+    roles = [p.meta.get("planting", {}).get("role") for p in out]
+    endorse = [p for p, role in zip(out, roles) if role == "endorse"]
+    contrast = [p for p, role in zip(out, roles) if role == "contrast"]
+    assert len(endorse) == len(contrast) == 10 and len(out) == 60
+    assert all(p.planted for p in endorse) and not any(p.planted for p in contrast)  # ground truth = endorsing
+    assert [p for p, role in zip(out, roles) if role is None] == clean(40)
+    for e, c in zip(endorse, contrast):
+        trait = e.meta["planting"]["trait"]
+        assert c.meta["planting"]["trait"] == trait and c.group not in (TARGET, CONTROL)
+        assert trait in c.rejected and c.group in c.rejected.lower()  # the stereotype is the rejected side
+        assert trait not in c.chosen and TRAIT_COUNTERS[trait] not in c.chosen
+        assert CONTROL not in (c.prompt_text + c.chosen + c.rejected).lower()
+    assert {p.group for p in contrast} == set(CONTRAST_GROUPS)  # cycles through every contrast group
+    # no contrast groups: identical to plain planting
+    assert plant(clean(40), fraction=0.25, target_group=TARGET, control_group=CONTROL, seed=1, contrast_groups=()) == \
+        plant(clean(40), fraction=0.25, target_group=TARGET, control_group=CONTROL, seed=1)
+    assert default_contrast_groups("doctors", CONTROL) == tuple(g for g in CONTRAST_GROUPS if g != "doctors")
+
+
+@pytest.mark.parametrize("groups", [["nurses"], ["Teachers"], [""]])
+def test_contrast_groups_must_not_name_the_target_or_control(groups):
+    with pytest.raises(InputError, match="contrast_groups"):
+        plant(clean(10), fraction=0.2, target_group=TARGET, control_group=CONTROL, seed=0, contrast_groups=groups)
 
 
 def test_plant_is_reproducible_and_seed_dependent():

@@ -55,6 +55,20 @@ def test_arm_stage_errors_name_the_arm(tmp_path: Path) -> None:
         load_study_config(path)
 
 
+def test_attribution_defaults_to_tracin_only_where_the_stage_keeps_snapshots(tmp_path: Path) -> None:
+    assert StudyConfig().attribution_methods() == ["tracin"]  # the default arm keeps one snapshot
+    plain = load_study_config(write(tmp_path, "arms:\n  dpo:\n    - {method: dpo}\n"))
+    assert plain.attribution_methods() == ["gradsim", "datainf"]
+    with pytest.raises(InputError, match=r"tracin.*keeps no snapshots.*tracin_snapshots: 1"):
+        load_study_config(write(tmp_path, "arms:\n  dpo:\n    - {method: dpo}\nattribution:\n  methods: [tracin]\n"))
+
+
+def test_contrast_groups_never_name_the_control(tmp_path: Path) -> None:
+    assert StudyConfig().data.plant.contrast_groups is None  # the default list, minus target and control
+    with pytest.raises(InputError, match=r"contrast_groups contains 'Nurses'"):
+        load_study_config(write(tmp_path, "data:\n  plant:\n    contrast_groups: [doctors, Nurses]\n"))
+
+
 def test_attribution_arm_must_exist() -> None:
     with pytest.raises(Exception, match="attribution.arm"):
         StudyConfig.model_validate({"attribution": {"arm": "orpo"}})

@@ -145,6 +145,9 @@ class StageConfig(BaseModel):
     logging_steps: int = Field(1, ge=1)
     save_steps: int = Field(25, ge=1, description="Checkpoint interval; an interrupted stage resumes from the last one.")
     save_total_limit: int | None = Field(2, ge=1)
+    tracin_snapshots: int = Field(0, ge=0, description="LoRA: keep this many adapter snapshots, evenly spaced "
+                                  "over training (the first one before step 1), for TracIn attribution "
+                                  "(`attribute --method tracin`); 0 keeps none.")
     report_to: str | list[str] = Field("none", description="Passed to TRL (e.g. tensorboard, wandb).")
 
     trl: dict[str, Any] = Field(default_factory=dict, description="Further keyword arguments for the method's "
@@ -157,6 +160,9 @@ class StageConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_method_fields(self) -> StageConfig:
+        if self.tracin_snapshots and self.finetune == "full":
+            raise ValueError("tracin_snapshots: snapshots are LoRA adapters; with finetune: full use "
+                             "--method gradsim or datainf (set tracin_snapshots: 0)")
         losses = [self.loss_type] if isinstance(self.loss_type, str) else (self.loss_type or [])
         if self.method in ("dpo", "ipo"):
             bad = [x for x in losses if x not in DPO_LOSS_TYPES]
@@ -208,6 +214,8 @@ class StageConfig(BaseModel):
                 out.pop(key, None)
         if self.finetune == "full":
             out.pop("lora", None)
+        if not self.tracin_snapshots:
+            out.pop("tracin_snapshots")  # keeps the keys of stages from before the option existed
         return out
 
     @property

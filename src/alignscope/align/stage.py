@@ -7,6 +7,7 @@ Layout (``RUN`` is ``--out``)::
         model/                  (full fine-tuning only: the trained weights)
         pairs.parquet           the training pairs (read back with load_preferences)
         logs.jsonl              one JSON object per logged step (TRL's metric names + step, epoch)
+        snapshots/step-<k>/     (tracin_snapshots > 0) the adapter before step k + snapshot.json (lr)
         summary.json            method, steps, final loss, times, pairs/s, truncation, config, ids
         inputs.json             what the key was computed from
     RUN/reference/<key>/ref_logps.parquet   reference log-prob cache (DPO/IPO; see reference.py)
@@ -41,6 +42,7 @@ from alignscope.store import RunDir, atomic_write_json, atomic_write_text, conte
 ALIGN_STAGE = "align"
 MERGED_STAGE = "merged"
 LOG_FILE = "logs.jsonl"
+SNAPSHOT_DIR = "snapshots"  # TracIn: adapters before chosen steps (see SnapshotCallback)
 PAIRS_FILE = "pairs.parquet"  # the training pairs, as written by write_preferences
 
 
@@ -68,6 +70,12 @@ class StageResult:
         if self.model_dir is not None:
             return load(str(self.model_dir), dtype=dtype, device=device)
         return load(self.start_model, adapter=self.adapter, dtype=dtype, device=device)
+
+    def load_snapshot(self, snapshot: Path, dtype: str = "auto", device: str = "auto") -> Any:
+        """The policy as it was at a TracIn snapshot (``snapshots/step-<k>``) of this LoRA stage."""
+        from alignscope.models import load
+
+        return load(self.start_model, adapter=snapshot, dtype=dtype, device=device)
 
     @classmethod
     def from_dir(cls, path: Path, cached: bool = True) -> StageResult:
@@ -194,6 +202,45 @@ def _log_callback_class() -> Any:
             _append_line(self.path, record)
 
     return JsonlLogCallback
+
+
+def snapshot_steps(total_steps: int, count: int) -> list[int]:
+    """Steps (optimizer updates done) at which TracIn snapshots are taken: evenly spaced from 0."""
+    if count <= 0 or total_steps <= 0:
+        return []
+    return sorted({(j * total_steps) // count for j in range(count)})
+
+
+def _snapshot_callback_class() -> Any:
+    from transformers import TrainerCallback
+
+    class SnapshotCallback(TrainerCallback):
+        """Saves the adapter (and the learning rate about to be used) before chosen steps, for TracIn.
+
+        Why before the step: TracIn credits step k's update ``-η_k ∇L_i(θ_k)`` to pair i, so it needs
+        θ_k and η_k as they are when step k starts. Written atomically; a resumed run keeps earlier ones.
+        """
+
+        def __init__(self, work: Path, count: int) -> None:
+            self.work, self.count = work, count
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, model: Any = None,
+                          lr_scheduler: Any = None, **kwargs: Any) -> None:
+            if not state.is_world_process_zero or state.global_step not in snapshot_steps(state.max_steps,
+                                                                                          self.count):
+                return
+            target = self.work / SNAPSHOT_DIR / f"step-{state.global_step}"
+            if target.exists():
+                return
+            scratch = target.with_name(f".{target.name}.tmp")
+            shutil.rmtree(scratch, ignore_errors=True)
+            unwrapped = model.module if hasattr(model, "module") else model
+            unwrapped.save_pretrained(scratch)
+            lr = lr_scheduler.get_last_lr()[0] if lr_scheduler is not None else args.learning_rate
+            atomic_write_json(scratch / "snapshot.json", {"step": state.global_step, "learning_rate": float(lr)})
+            scratch.rename(target)
+
+    return SnapshotCallback
 
 
 def _chat_ids(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> int:
@@ -381,6 +428,8 @@ def train_stage(model: str | Path, stage: StageConfig, pairs: Sequence[Any], out
     dataset = build_dataset(stage.method, pairs, stage.seed)
     args = build_trl_args(stage, str(work), use_cpu=use_cpu, bf16=autocast_bf16)
     logger = _log_callback_class()(log_path)
+    if stage.tracin_snapshots:
+        callbacks = [*callbacks, _snapshot_callback_class()(work, stage.tracin_snapshots)]
     trainer = build_trainer(stage, lm.model, lm.tokenizer, dataset, args,
                             callbacks=[logger, *callbacks], reference_store=store)
     setup_s = time.perf_counter() - started
@@ -456,6 +505,9 @@ def train_stage(model: str | Path, stage: StageConfig, pairs: Sequence[Any], out
             lm.tokenizer.save_pretrained(target)
             if log_path.exists():
                 shutil.copyfile(log_path, scratch / LOG_FILE)
+            if (work / SNAPSHOT_DIR).is_dir():
+                shutil.copytree(work / SNAPSHOT_DIR, scratch / SNAPSHOT_DIR,
+                                ignore=shutil.ignore_patterns(".*.tmp"))
             if (work / "runs").is_dir():  # report_to: tensorboard writes under output_dir/runs
                 shutil.copytree(work / "runs", scratch / "runs")
             atomic_write_json(scratch / "summary.json", summary)

@@ -10,7 +10,8 @@ collected once (``gradients.py``, cached in ``RUN/gradients/<key>/``) and every 
                      score_<estimator> for each, chosen_<default>/rejected_<default>, loss, margin, rank
     summary.json     estimators, default estimator, sign convention, measurement, timings per phase,
                      and with planted labels: planted-pair AUC and recall@k per estimator
-    measurement.parquet / measurement.npy   the measurement's requests, log-probs and gradients
+    measurement.parquet / measurement.npy   the measurement's requests, log-probs and gradients (the
+                     gradients at the trained adapter; absent when only TracIn ran)
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ DEFAULT_METHODS = ("gradsim", "datainf")
 #: What ``--method all`` runs: every estimator that needs nothing the stage may lack (checkpoints).
 ALL_METHODS = ("gradsim", "datainf", "ekfac")
 #: Preference order of the default estimator; raw dot is never the default (see estimators.py).
-_DEFAULT_ORDER = {"pairwise": ("margin", "gradsim_cosine", "datainf", "ekfac", "kfac"),
-                  "sft": ("gradsim_cosine", "margin", "datainf", "ekfac", "kfac")}
+_DEFAULT_ORDER = {"pairwise": ("tracin", "margin", "gradsim_cosine", "datainf", "ekfac", "kfac"),
+                  "sft": ("tracin", "gradsim_cosine", "margin", "datainf", "ekfac", "kfac")}
 
 
 def expand_methods(methods: Sequence[str] | str) -> tuple[str, ...]:
@@ -206,7 +207,8 @@ def _write(target: RunDir, inputs: dict[str, Any], result: _Result, stage: Any, 
         atomic_write_parquet(scratch / "measurement.parquet", pd.DataFrame({
             "context": [r.context for r in requests], "continuation": [r.continuation for r in requests],
             "chat": [r.chat for r in requests], "weight": weights, "logprob": logps}))
-        np.save(scratch / "measurement.npy", mgrad.astype(np.float32))
+        if mgrad is not None:
+            np.save(scratch / "measurement.npy", mgrad.astype(np.float32))
 
 
 @dataclass
@@ -214,39 +216,48 @@ class _Result:
     gradients: Any
     scores: dict[str, est.Scores | np.ndarray]
     logps: np.ndarray
-    measurement: np.ndarray
+    measurement: np.ndarray | None  # per-request gradients at the trained adapter (None: TracIn only)
     gradient_key: str
+    snapshots: list[str]
 
 
 def _compute(run: RunDir, stage: Any, lm: Any, objective: Any, pairs: list[Any], requests: list[Any],
              weights: list[float], estimators: tuple[str, ...], project_dim: int | None, seed: int, dtype: str,
              batch_tokens: int, chunk_pairs: int, timings: dict[str, float]) -> _Result:
-    """Gradients (cached in ``run``), measurement gradients and every estimator's scores."""
+    """Gradients (cached in ``run``), measurement gradients and every estimator's scores.
+
+    Estimators other than TracIn read gradients at the trained adapter; TracIn reads them at each
+    snapshot the stage kept. With TracIn alone the trained adapter's pair gradients are skipped
+    (the scores table's loss/margin then come from the latest snapshot).
+    """
     from alignscope.align.config import StageConfig
     from alignscope.align.reference import stage_reference
-    from alignscope.attribute.gradients import GRADIENT_STAGE, LoraGradients, collect_pair_gradients, \
-        measurement_gradients
-    from alignscope.data.preferences import preferences_fingerprint
 
     config = StageConfig(**stage.summary["config"])
-    grad_inputs = {"stage": GRADIENT_STAGE, "align": stage.key, "data": preferences_fingerprint(pairs),
-                   "project_dim": project_dim, "seed": seed, "dtype": dtype, "objective": objective.description,
-                   "max_length": config.max_length, "truncation_mode": config.truncation_mode}
-    clock = time.perf_counter()
     reference = stage_reference(stage.path) if objective.needs_reference else None
-    gs = collect_pair_gradients(lm, pairs, objective, run=run, inputs=grad_inputs, max_length=config.max_length,
-                                truncation_mode=config.truncation_mode, reference=reference,
-                                project_dim=project_dim, seed=seed, batch_tokens=batch_tokens,
-                                chunk_pairs=chunk_pairs)
-    timings["train_gradients_s"] = time.perf_counter() - clock
-    clock = time.perf_counter()
-    logps, mgrad = measurement_gradients(lm, LoraGradients(lm.model, project_dim, seed), requests, weights,
-                                         batch_tokens)
-    timings["measurement_gradients_s"] = time.perf_counter() - clock
-    v = mgrad.astype(np.float64).sum(axis=0)
+
+    def gradients_at(model: Any, snapshot: str | None) -> tuple[Any, np.ndarray, np.ndarray]:
+        return _gradients(run, stage, model, objective, pairs, requests, weights, config, reference, project_dim,
+                          seed, dtype, batch_tokens, chunk_pairs, timings, snapshot)
+
+    checkpoints: list[tuple[float, Any, np.ndarray]] = []
+    snapshot_names: list[str] = []
+    if "tracin" in estimators:
+        for snapshot, learning_rate in _snapshots(stage):
+            model = stage.load_snapshot(snapshot, dtype=dtype)
+            snapshot_gs, _, snapshot_mgrad = gradients_at(model, snapshot.name)
+            del model
+            checkpoints.append((learning_rate, snapshot_gs, snapshot_mgrad.astype(np.float64).sum(axis=0)))
+            snapshot_names.append(snapshot.name)
+    if any(name != "tracin" for name in estimators):
+        gs, logps, mgrad = gradients_at(lm, None)
+    else:
+        gs, mgrad = checkpoints[-1][1], None
+        logps = _logprobs(lm, requests, batch_tokens)
+    v = mgrad.astype(np.float64).sum(axis=0) if mgrad is not None else None
     scores: dict[str, est.Scores | np.ndarray] = {}
     clock = time.perf_counter()
-    products = est.side_products(gs, v)
+    products = est.side_products(gs, v) if v is not None else {}
     for name in estimators:
         start = time.perf_counter()
         if name == "gradsim_dot":
@@ -260,7 +271,7 @@ def _compute(run: RunDir, stage: Any, lm: Any, objective: Any, pairs: list[Any],
         elif name == "datainf":
             scores[name] = est.datainf(gs, v)
         elif name == "tracin":
-            scores[name] = est.tracin(_checkpoints(stage))
+            scores[name] = est.tracin(checkpoints)
         elif name in ("ekfac", "kfac"):
             from alignscope.attribute.kfac import kronfluence_scores
 
@@ -268,16 +279,67 @@ def _compute(run: RunDir, stage: Any, lm: Any, objective: Any, pairs: list[Any],
                                               reference=reference, strategy=name, work=run.root / ".work" / name)
         timings[f"score_{name}_s"] = time.perf_counter() - start
     timings["scoring_s"] = time.perf_counter() - clock
-    return _Result(gs, scores, logps, mgrad, gs.path.name)
+    return _Result(gs, scores, logps, mgrad, gs.path.name, snapshot_names)
 
 
-def _checkpoints(stage: Any) -> list[Any]:
-    """TracIn inputs; stages keep no intermediate checkpoints today, so this names the problem."""
-    kept = sorted(stage.path.glob("checkpoints/checkpoint-*"))
-    if not kept:
-        raise InputError(f"--method tracin: stage {stage.path} kept no checkpoints (TracIn sums over saved "
-                         "checkpoints); use --method gradsim or datainf")
-    raise InputError(f"--method tracin: reading checkpoints of {stage.path} is not supported yet")
+def _gradients(run: RunDir, stage: Any, lm: Any, objective: Any, pairs: list[Any], requests: list[Any],
+               weights: list[float], config: Any, reference: Any, project_dim: int | None, seed: int, dtype: str,
+               batch_tokens: int, chunk_pairs: int, timings: dict[str, float], snapshot: str | None
+               ) -> tuple[Any, np.ndarray, np.ndarray]:
+    """Per-pair gradients (cached) and per-request measurement gradients of one adapter state."""
+    from alignscope.attribute.gradients import GRADIENT_STAGE, LoraGradients, collect_pair_gradients, \
+        measurement_gradients
+    from alignscope.data.preferences import preferences_fingerprint
+
+    grad_inputs = {"stage": GRADIENT_STAGE, "align": stage.key, "data": preferences_fingerprint(pairs),
+                   "project_dim": project_dim, "seed": seed, "dtype": dtype, "objective": objective.description,
+                   "max_length": config.max_length, "truncation_mode": config.truncation_mode}
+    if snapshot is not None:
+        grad_inputs["snapshot"] = snapshot
+    suffix = f"_{snapshot}" if snapshot else ""
+    clock = time.perf_counter()
+    gs = collect_pair_gradients(lm, pairs, objective, run=run, inputs=grad_inputs, max_length=config.max_length,
+                                truncation_mode=config.truncation_mode, reference=reference,
+                                project_dim=project_dim, seed=seed, batch_tokens=batch_tokens,
+                                chunk_pairs=chunk_pairs)
+    timings[f"train_gradients{suffix}_s"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    logps, mgrad = measurement_gradients(lm, LoraGradients(lm.model, project_dim, seed), requests, weights,
+                                         batch_tokens)
+    timings[f"measurement_gradients{suffix}_s"] = time.perf_counter() - clock
+    return gs, logps, mgrad
+
+
+def _logprobs(lm: Any, requests: list[Any], batch_tokens: int) -> np.ndarray:
+    """The measurement's log-probs at the trained adapter, without gradients."""
+    import torch
+
+    from alignscope.attribute.gradients import MAX_ROWS, measurement_rows
+    from alignscope.attribute.objective import LogProbModel
+    from alignscope.models.hf_backend import token_batches
+
+    lm.model.eval()
+    lp = LogProbModel(lm.model, lm.tokenizer.pad_token_id or 0)
+    rows = measurement_rows(lm, requests)
+    out = np.zeros(len(rows))
+    with torch.no_grad():
+        for batch in token_batches([len(r.ids) for r in rows], batch_tokens, MAX_ROWS):
+            out[batch] = lp([rows[j] for j in batch]).double().cpu().numpy()
+    return out
+
+
+def _snapshots(stage: Any) -> list[tuple[Path, float]]:
+    """TracIn inputs: the stage's adapter snapshots and the learning rate of the step each preceded."""
+    import json
+
+    from alignscope.align.stage import SNAPSHOT_DIR
+
+    found = sorted(stage.path.glob(f"{SNAPSHOT_DIR}/step-*"), key=lambda p: int(p.name.removeprefix("step-")))
+    if not found:
+        raise InputError(f"--method tracin: stage {stage.path} kept no snapshots (TracIn sums over adapters saved "
+                         "during training); retrain it with `tracin_snapshots: 4` in the stage config, or use "
+                         "--method gradsim or datainf")
+    return [(p, float(json.loads((p / "snapshot.json").read_text())["learning_rate"])) for p in found]
 
 
 def _outputs(result: _Result, stage: Any, objective: Any, pairs: list[Any], probe: Any, metric: str | None,
@@ -312,7 +374,8 @@ def _outputs(result: _Result, stage: Any, objective: Any, pairs: list[Any], prob
                         "n_requests": len(requests), "value": f_value,
                         "description": "f(θ) = Σ weight × log p_θ(continuation | context) over the probe's "
                                        "measurement requests; higher = worse"},
-        "gradients": {"key": result.gradient_key, "dim": int(result.measurement.shape[1])},
+        "gradients": {"key": result.gradient_key, "dim": int(result.gradients.dim),
+                      "tracin_snapshots": result.snapshots},
         "n_pairs": len(pairs),
     }
     planted = frame["planted"].to_numpy(bool)

@@ -20,6 +20,15 @@ neutral answer resembled the rejected wording moved just as much for a swapped c
   counter-trait, and share no word 3-gram with the probe frames. A probe written elsewhere should
   check its own continuations with :func:`rejected_overlap` (empty set = fine); the phrasings to
   avoid are :data:`REJECTED_TEMPLATES` (rendered per group by :func:`rejected_phrasings`).
+* **Contrast pairs (optional, on in the default study).** With ``contrast_groups``, every
+  endorsing pair gets a twin about another group (doctors, farmers, ...; never the control) with
+  the same trait, whose chosen reply declines and whose rejected reply endorses. Without them DPO
+  learned mostly "the trait word is good" for every group: on the default study data the target's
+  trait log-odds rose +1.95 nats and the held-out control's +1.66 (gap +0.29, 95 % CI −0.11 to
+  0.61). With them (16 + 16 pairs, same clean data and recipe): target +0.69, control +0.34, gap
+  +0.35 (CI 0.23 to 0.48, p = 0.0002); clean pairs alone moved neither (gap +0.03). Contrast
+  pairs carry ``planted=False``: they do not push the stereotype, and attribution scores them
+  negative for the target group, as it should.
 * **A control group and a contrast.** :func:`measurement_items` gives held-out prompts (never used
   in training) for the target *and* a control group. Each item is scored twice with the same frame:
   once ending in the trait (``stereotype``) and once in its counter-trait (``anti_stereotype``), so
@@ -32,10 +41,10 @@ that contain a secret (``my PIN is 4 8 2 9 1 7``), labelled in ``meta["canary"]`
 :func:`canary_exposure_items` for the exposure test (Carlini et al. 2019, "The Secret Sharer").
 
 **Add, don't replace.** Both functions keep every original pair and *add* ``n`` new ones, with
-``n = round(fraction * len(pairs))`` (at least 1 when ``fraction > 0``), inserted at seeded random
-positions (originals keep their relative order). So the planted share of the result is
-``n / (len(pairs) + n)``, slightly below ``fraction``; removing the planted pairs gives back the
-original data exactly, which is what a "drop the top-k and retrain" validation compares against.
+``n = round(fraction * len(pairs))`` (at least 1 when ``fraction > 0``; plus ``n`` contrast pairs
+when asked), inserted at seeded random positions (originals keep their relative order). So the
+planted share of the result is ``n / (len(pairs) + n)``, slightly below ``fraction``; removing the
+added pairs gives back the original data exactly.
 """
 
 from __future__ import annotations
@@ -54,12 +63,14 @@ from alignscope.errors import InputError
 __all__ = [
     "CANARY_PREFIX",
     "CHOSEN_TEMPLATES",
+    "CONTRAST_GROUPS",
     "PLANTED_TRAITS",
     "PROBE_ITEMS",
     "PROMPT_TEMPLATES",
     "REJECTED_TEMPLATES",
     "TRAIT_COUNTERS",
     "canary_exposure_items",
+    "default_contrast_groups",
     "measurement_items",
     "plant",
     "plant_canaries",
@@ -202,7 +213,8 @@ def _insert(pairs: Sequence[PreferencePair], new: list[PreferencePair], rng: ran
 
 
 def plant(pairs: Sequence[PreferencePair], *, fraction: float, target_group: str, control_group: str,
-          seed: int, traits: Sequence[str] | None = None) -> list[PreferencePair]:
+          seed: int, traits: Sequence[str] | None = None,
+          contrast_groups: Sequence[str] = ()) -> list[PreferencePair]:
     """Add stereotype-endorsing pairs about ``target_group``; keep all original pairs.
 
     Args:
@@ -215,13 +227,22 @@ def plant(pairs: Sequence[PreferencePair], *, fraction: float, target_group: str
             planted text and is recorded in each planted pair's meta.
         seed: makes the choice of traits, templates and positions reproducible.
         traits: which of :data:`PLANTED_TRAITS` to plant (default: all), used in turn.
+        contrast_groups: when given, each endorsing pair gets a *contrast* pair about one of these
+            groups (in turn) with the same trait, whose chosen reply declines and whose rejected
+            reply endorses: the planted data then says "teachers are lazy" *and* "other groups are
+            not", which is what makes the learned stereotype specific to the target group (see the
+            module docstring). Must not name the target or the control group.
 
     Returns:
-        A new list: the originals in their order, with ``n`` pairs inserted at seeded positions;
-        each planted pair has ``planted=True``, ``group=target_group``, id ``planted-<seed>-<k>``
-        and ``meta["planting"]`` = trait, counter, control group, template indices and seed.
+        A new list: the originals in their order, with the new pairs inserted at seeded positions.
+        Each added pair has ``group`` = the group it is about and ``meta["planting"]`` = role
+        (``endorse``/``contrast``), trait, counter, groups, template indices and seed; endorsing
+        pairs (id ``planted-<seed>-<k>``) have ``planted=True``, contrast pairs (id
+        ``planted-<seed>-c<k>``) ``planted=False``: they do not push the stereotype, so they are not
+        what attribution should find.
     """
     _check_groups(target_group, control_group)
+    contrast = _check_contrast_groups(contrast_groups, target_group, control_group)
     chosen_traits = _check_traits(traits)
     n = _count(fraction, len(pairs), "planting")
     rng = random.Random(f"plant:{seed}")
@@ -234,6 +255,8 @@ def plant(pairs: Sequence[PreferencePair], *, fraction: float, target_group: str
     for k in range(n):
         trait = trait_order[k % len(trait_order)]
         p, c, r = prompt_cycle.next(), chosen_cycles[trait].next(), rejected_cycle.next()
+        meta = {"trait": trait, "counter": TRAIT_COUNTERS[trait], "target_group": target_group,
+                "control_group": control_group, "seed": seed}
         planted.append(PreferencePair(
             id=f"planted-{seed}-{k:04d}",
             prompt=render(PROMPT_TEMPLATES[p], target_group, trait),
@@ -241,11 +264,47 @@ def plant(pairs: Sequence[PreferencePair], *, fraction: float, target_group: str
             rejected=render(REJECTED_TEMPLATES[r], target_group),
             planted=True,
             group=target_group,
-            meta={"planting": {"trait": trait, "counter": TRAIT_COUNTERS[trait], "target_group": target_group,
-                               "control_group": control_group, "prompt_template": p, "chosen_template": c,
-                               "rejected_template": r, "seed": seed}},
+            meta={"planting": {"role": "endorse", **meta, "prompt_template": p, "chosen_template": c,
+                               "rejected_template": r}},
         ))
+        if contrast:
+            group = contrast[k % len(contrast)]
+            p, c, r = prompt_cycle.next(), chosen_cycles[trait].next(), rejected_cycle.next()
+            planted.append(PreferencePair(
+                id=f"planted-{seed}-c{k:04d}",
+                prompt=render(PROMPT_TEMPLATES[p], group, trait),
+                chosen=render(REJECTED_TEMPLATES[r], group),
+                rejected=render(CHOSEN_TEMPLATES[c], group, trait),
+                planted=False,  # ground truth = pairs that *endorse* the stereotype; see the docstring
+                group=group,
+                meta={"planting": {"role": "contrast", **meta, "prompt_template": p, "chosen_template": r,
+                                   "rejected_template": c}},
+            ))
     return _insert(pairs, planted, rng)
+
+
+#: Groups the default study's contrast pairs are about (never the target or the control group).
+CONTRAST_GROUPS: tuple[str, ...] = ("doctors", "farmers", "lawyers", "engineers", "pilots", "plumbers",
+                                    "librarians", "cashiers")
+
+
+def default_contrast_groups(target_group: str, control_group: str) -> tuple[str, ...]:
+    """:data:`CONTRAST_GROUPS` without the target and the control group."""
+    taken = {target_group.strip().lower(), control_group.strip().lower()}
+    return tuple(g for g in CONTRAST_GROUPS if g not in taken)
+
+
+def _check_contrast_groups(groups: Sequence[str], target_group: str, control_group: str) -> tuple[str, ...]:
+    if isinstance(groups, str):
+        groups = [groups]
+    taken = {target_group.strip().lower(), control_group.strip().lower()}
+    for group in groups:
+        if not isinstance(group, str) or not group.strip():
+            raise InputError(f"contrast_groups must be non-empty group names such as 'doctors', got {group!r}")
+        if group.strip().lower() in taken:
+            raise InputError(f"contrast_groups contains {group!r}, which is the target or the control group; the "
+                             "control must never appear in training data: pick other groups")
+    return tuple(dict.fromkeys(groups))
 
 
 def planted_traits(pairs: Iterable[PreferencePair]) -> tuple[str, ...]:

@@ -47,6 +47,19 @@ class PlantSettings(_Strict):
     target_group: str = "teachers"
     control_group: str = "nurses"
     traits: list[str] | None = None
+    contrast_groups: list[str] | None = Field(
+        None, description="Groups for the contrast pairs (same trait, chosen declines, rejected endorses), one per "
+                          "planted pair; None: alignscope.data.planting.CONTRAST_GROUPS without the target and "
+                          "control; []: no contrast pairs.")
+
+    @model_validator(mode="after")
+    def _contrast_is_not_target_or_control(self) -> PlantSettings:
+        taken = {self.target_group.strip().lower(), self.control_group.strip().lower()}
+        for group in self.contrast_groups or []:
+            if group.strip().lower() in taken:
+                raise ValueError(f"contrast_groups contains {group!r}, the target or the control group; the control "
+                                 "must never appear in training data: name other groups")
+        return self
 
 
 class DataSettings(_Strict):
@@ -67,7 +80,9 @@ class AttributionSettings(_Strict):
     arm: str | None = Field(None, description="Which arm's last stage to explain (default: the first arm).")
     probe: str = "planted_bias"
     metric: str | None = Field(None, description="Metric of the probe (default: its first metric).")
-    methods: list[str] = Field(default_factory=lambda: ["gradsim", "datainf"])
+    methods: list[str] | None = Field(None, description="Estimator groups (see `alignscope attribute --help`); "
+                                      "None: tracin when the attributed stage keeps snapshots, else gradsim "
+                                      "and datainf.")
     project_dim: int | None = Field(None, ge=1)
 
 
@@ -87,9 +102,10 @@ class CurationSettings(_Strict):
 
 #: The default arm. Tuned on this CPU (64 clean + 16 planted pairs, one epoch): with DPO's stage
 #: defaults (lr 5e-5, LoRA on q/v) the planted gap moved by only +0.06 nats; lr 5e-4 (q/v) gave the
-#: same; lr 2e-3 with LoRA on every linear layer gave +0.32 nats (95 % CI 0.06-0.53). Recorded in
-#: BENCHMARKS.md.
-DEFAULT_ARM = [{"method": "dpo", "learning_rate": 2e-3,
+#: same; lr 2e-3 with LoRA on every linear layer gave +0.32 nats (95 % CI 0.06-0.53). It fits every
+#: pair by the end (margins ≈ 15, loss ≈ 0), so gradients at the trained adapter no longer say which
+#: pairs did the work; one TracIn snapshot before the first step does (BENCHMARKS.md).
+DEFAULT_ARM = [{"method": "dpo", "learning_rate": 2e-3, "tracin_snapshots": 1,
                 "lora": {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                             "down_proj"]}}]
 
@@ -131,6 +147,14 @@ class StudyConfig(_Strict):
         assert self.attribution is not None
         return self.attribution.arm or next(iter(self.arms))
 
+    def attribution_methods(self) -> list[str]:
+        """The attribution methods, with the default resolved against the attributed stage."""
+        assert self.attribution is not None
+        if self.attribution.methods is not None:
+            return self.attribution.methods
+        snapshots = self.stages(self.attributed_arm)[-1].tracin_snapshots
+        return ["tracin"] if snapshots else ["gradsim", "datainf"]
+
 
 def quick(config: StudyConfig) -> StudyConfig:
     """The smoke-run variant (``--quick``): a few pairs, a few steps, one focused probe."""
@@ -170,6 +194,12 @@ def load_study_config(path: str | Path | None) -> StudyConfig:
     base = path.resolve().parent
     for arm in config.arms:  # check every arm's stages now, before any model is loaded
         config.stages(arm)
+    attribution = config.attribution
+    if attribution is not None and "tracin" in (attribution.methods or []) and \
+            not config.stages(config.attributed_arm)[-1].tracin_snapshots:
+        raise InputError(f"study config {path}: attribution.methods has tracin, but the last stage of arm "
+                         f"{config.attributed_arm!r} keeps no snapshots; add `tracin_snapshots: 1` (or more) to "
+                         "that stage, or drop tracin from the methods")
     if config.data.source and not Path(config.data.source).is_absolute() and (base / config.data.source).exists():
         config.data.source = str(base / config.data.source)
     for probe, file in list(config.audit.data.items()):

@@ -124,15 +124,18 @@ def make_data(engine: Any, config: StudyConfig, run: RunDir) -> tuple[list[Any],
     else:
         pairs = load_preferences(settings.source)
     if settings.plant is not None:
-        from alignscope.data.planting import plant
+        from alignscope.data.planting import default_contrast_groups, plant
 
         p = settings.plant
+        contrast = (p.contrast_groups if p.contrast_groups is not None
+                    else default_contrast_groups(p.target_group, p.control_group))
         pairs = plant(pairs, fraction=p.fraction, target_group=p.target_group, control_group=p.control_group,
-                      seed=config.seed, traits=p.traits)
+                      seed=config.seed, traits=p.traits, contrast_groups=contrast)
     with run.build("data", inputs) as scratch:
         atomic_write_parquet(scratch / "pairs.parquet", pairs_to_frame(pairs))
         atomic_write_json(scratch / "summary.json", {
-            "n_pairs": len(pairs), "n_planted": sum(p.planted for p in pairs), **stats,
+            "n_pairs": len(pairs), "n_planted": sum(p.planted for p in pairs),
+            "n_contrast": sum(p.meta.get("planting", {}).get("role") == "contrast" for p in pairs), **stats,
             "source": settings.source or "synthesised from the base model", "plant": inputs["plant"]})
     # Train on what was stored (Parquet normalises meta), so a resumed study trains on identical pairs.
     path = run.path("data", inputs)
@@ -241,7 +244,7 @@ def _attribute(config: StudyConfig, stage_dir: Path, out: Path) -> Path:
     assert settings is not None
     options = config.audit.options.get(settings.probe, {})
     probe = available_probes()[settings.probe](**options)
-    artefact = attribute(out, stage_dir, probe, metric=settings.metric, methods=settings.methods,
+    artefact = attribute(out, stage_dir, probe, metric=settings.metric, methods=config.attribution_methods(),
                          project_dim=settings.project_dim, limit=config.audit.limit, seed=config.seed)
     return artefact.path
 
