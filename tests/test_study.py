@@ -94,7 +94,7 @@ def test_quick_study_report_in_chromium(quick_run, tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} is absent: install Debian's chromium package (make browser)")
-    sync_api = pytest.importorskip("playwright.sync_api")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (Python) is not installed: make setup installs it")
     problems: list[str] = []
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)

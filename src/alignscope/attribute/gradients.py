@@ -215,15 +215,6 @@ class GradientSet:
         """Per-pair ∂(loss|margin)/∂s_side."""
         return self.table[f"{kind}_coef_{side}"].to_numpy(np.float64)
 
-    def combined(self, kind: str, rows: slice) -> np.ndarray:
-        """Per-pair gradients of the loss (kind="loss") or margin (kind="margin") for a row slice."""
-        out = None
-        for side in self.sides:
-            part = np.asarray(self.side(side)[rows], dtype=np.float64) * self.coef(kind, side)[rows, None]
-            out = part if out is None else out + part
-        assert out is not None
-        return out
-
 
 def _reference_columns(objective: Objective, pairs: Sequence[Any], reference: pd.DataFrame | None
                        ) -> dict[str, np.ndarray] | None:

@@ -70,6 +70,7 @@ __all__ = [
     "REJECTED_TEMPLATES",
     "TRAIT_COUNTERS",
     "canary_exposure_items",
+    "check_contrast_groups",
     "default_contrast_groups",
     "measurement_items",
     "plant",
@@ -242,7 +243,7 @@ def plant(pairs: Sequence[PreferencePair], *, fraction: float, target_group: str
         what attribution should find.
     """
     _check_groups(target_group, control_group)
-    contrast = _check_contrast_groups(contrast_groups, target_group, control_group)
+    contrast = check_contrast_groups(contrast_groups, target_group, control_group)
     chosen_traits = _check_traits(traits)
     n = _count(fraction, len(pairs), "planting")
     rng = random.Random(f"plant:{seed}")
@@ -294,7 +295,8 @@ def default_contrast_groups(target_group: str, control_group: str) -> tuple[str,
     return tuple(g for g in CONTRAST_GROUPS if g not in taken)
 
 
-def _check_contrast_groups(groups: Sequence[str], target_group: str, control_group: str) -> tuple[str, ...]:
+def check_contrast_groups(groups: Sequence[str], target_group: str, control_group: str) -> tuple[str, ...]:
+    """The contrast groups, deduplicated; an InputError when one is empty or names the target/control."""
     if isinstance(groups, str):
         groups = [groups]
     taken = {target_group.strip().lower(), control_group.strip().lower()}

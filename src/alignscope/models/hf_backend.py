@@ -16,7 +16,7 @@ import os
 import statistics
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -100,12 +100,21 @@ def token_batches(lengths: Sequence[int], batch_tokens: int, max_rows: int | Non
     """Indices grouped into longest-first batches whose padded size (rows × longest) stays under
     ``batch_tokens`` (and at most ``max_rows`` rows); ties keep their input order."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+
+    def too_big(current: list[int], _: int) -> bool:
+        return ((len(current) + 1) * lengths[current[0]] > batch_tokens
+                or (max_rows is not None and len(current) >= max_rows))
+
+    return greedy_batches(order, too_big)
+
+
+def greedy_batches(order: Iterable[int], too_big: Callable[[list[int], int], bool]) -> list[list[int]]:
+    """Consecutive batches over ``order``: a new batch starts when adding ``i`` to the current,
+    non-empty one would be ``too_big(current, i)`` (the first index of a batch is its longest)."""
     batches: list[list[int]] = []
     current: list[int] = []
     for i in order:
-        longest = lengths[current[0]] if current else lengths[i]
-        full = (len(current) + 1) * longest > batch_tokens or (max_rows is not None and len(current) >= max_rows)
-        if current and full:
+        if current and too_big(current, i):
             batches.append(current)
             current = []
         current.append(i)
@@ -366,25 +375,15 @@ class HFBackend:
         and must fit ``batch_tokens``; the k-fold cache of the decode steps may use
         ``GENERATE_CACHE_FACTOR`` times that. Without sharing, HF's generate repeats every prompt
         k times, so (prompts x k x (longest + new tokens)) must fit ``batch_tokens``."""
-        batches: list[list[int]] = []
-        current: list[int] = []
-        for i in indices:
+        def too_big(current: list[int], i: int) -> bool:
             req = requests[i]
-            longest = len(prompts[current[0]]) if current else len(prompts[i])
-            rows = len(current) + 1
+            longest, rows = len(prompts[current[0]]), len(current) + 1
+            decode = rows * req.num_samples * (longest + req.max_new_tokens)
             if self.share_prompt:
-                over = (rows * longest > self.batch_tokens or
-                        rows * req.num_samples * (longest + req.max_new_tokens)
-                        > GENERATE_CACHE_FACTOR * self.batch_tokens)
-            else:
-                over = rows * req.num_samples * (longest + req.max_new_tokens) > self.batch_tokens
-            if current and over:
-                batches.append(current)
-                current = []
-            current.append(i)
-        if current:
-            batches.append(current)
-        return batches
+                return rows * longest > self.batch_tokens or decode > GENERATE_CACHE_FACTOR * self.batch_tokens
+            return decode > self.batch_tokens
+
+        return greedy_batches(indices, too_big)
 
     def _next_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self._head(hidden[:, -1]).float()

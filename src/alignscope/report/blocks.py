@@ -36,6 +36,12 @@ def guarded(id: str, title: str) -> Callable[[SectionBuilder], SectionBuilder]:
     return wrap
 
 
+def not_run(sources: RunSources, id: str, title: str, what: str, consequence: str = "") -> Section:
+    """The section of a study step that did not run: an audit run has none, a study may skip it."""
+    reason = "this is a single audit run" if not sources.is_study else f"the study {what}"
+    return absent(id, title, f"Not run: {reason}{consequence}.")
+
+
 def frame_table(caption: str, frame: pd.DataFrame, columns: Sequence[str | tuple[str, ColumnKind]],
                 sources: Iterable[str], *, prefix: Sequence[tuple[str, Any]] = ()) -> Table:
     """Copy the named columns of a stored table (absent columns are skipped, not invented).

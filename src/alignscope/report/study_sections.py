@@ -9,8 +9,8 @@ from typing import Any
 import pandas as pd
 
 from alignscope.report import plots
-from alignscope.report.blocks import flatten, frame_table, guarded, kv_table
-from alignscope.report.model import Column, Plot, Section, Table, Text, absent
+from alignscope.report.blocks import flatten, frame_table, guarded, kv_table, not_run
+from alignscope.report.model import Column, Plot, Section, Table, Text
 from alignscope.report.sources import STUDY_INDEX, MissingArtefact, RunSources
 
 TRAINING_METRICS = ("loss", "rewards/margins", "rewards/accuracies")
@@ -99,8 +99,7 @@ def training(sources: RunSources) -> Section:
     title = "Training curves"
     align = sources.entry("align")
     if not align:
-        reason = "this is a single audit run" if not sources.is_study else "the study recorded no alignment"
-        return absent("training", title, f"Not run: {reason}, so there are no training logs.")
+        return not_run(sources, "training", title, "recorded no alignment", ", so there are no training logs")
     series: dict[str, dict[str, Any]] = {}
     rows, used = [], []
     for arm, paths in align.items():
@@ -163,8 +162,7 @@ def attribution(sources: RunSources) -> Section:
     title = "Attribution: which training pairs did it"
     rel = sources.entry("attribution")
     if not rel:
-        reason = "this is a single audit run" if not sources.is_study else "the study did not run attribution"
-        return absent("attribution", title, f"Not run: {reason}.")
+        return not_run(sources, "attribution", title, "did not run attribution")
     summary = sources.json(f"{rel}/summary.json")
     scores = sources.parquet(f"{rel}/scores.parquet")
     summary_src, scores_src = f"{rel}/summary.json", f"{rel}/scores.parquet"
@@ -220,8 +218,7 @@ def curation(sources: RunSources) -> Section:
     title = "Curation: drop the top-k pairs and re-align"
     rel = sources.entry("curation")
     if not rel:
-        reason = "this is a single audit run" if not sources.is_study else "the study did not run curation"
-        return absent("curation", title, f"Not run: {reason}.")
+        return not_run(sources, "curation", title, "did not run curation")
     curve = sources.parquet(f"{rel}/curve.parquet")
     source = f"{rel}/curve.parquet"
     data = {"metrics": [str(m) for m in dict.fromkeys(curve["metric"])], "series": _curation_series(curve)}

@@ -54,11 +54,12 @@ class PlantSettings(_Strict):
 
     @model_validator(mode="after")
     def _contrast_is_not_target_or_control(self) -> PlantSettings:
-        taken = {self.target_group.strip().lower(), self.control_group.strip().lower()}
-        for group in self.contrast_groups or []:
-            if group.strip().lower() in taken:
-                raise ValueError(f"contrast_groups contains {group!r}, the target or the control group; the control "
-                                 "must never appear in training data: name other groups")
+        from alignscope.data.planting import check_contrast_groups
+
+        try:  # at load time, not after the model has sampled the data
+            check_contrast_groups(self.contrast_groups or [], self.target_group, self.control_group)
+        except InputError as exc:
+            raise ValueError(str(exc)) from None
         return self
 
 
