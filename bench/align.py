@@ -5,7 +5,11 @@ One run measures, on the same pairs, model, batch and seed, through ``train_stag
 
   (cached)  the reference log-probs come from the run's reference cache (computed once, stored as
             Parquet; TRL reads them via ``precompute_ref_log_probs``), so a step is policy only;
-  (trl)     TRL computes the reference every step (adapter disabled, one extra no-grad forward).
+  (trl)     TRL computes the reference every step (adapter disabled, one extra no-grad forward);
+
+each once with TRL's fused LM head projecting only labelled positions (ours,
+``recipes.completion_positions_only``) and once as TRL ships it on CPU (``*_stock_head``: every
+position projected). "TRL as shipped" = per-step reference + stock head.
 
 Pairs/s is steady state: the median step time after ``--warmup`` steps (wall clock, and process
 CPU time, which a busy shared machine distorts less). The measured runs see only the
@@ -34,6 +38,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+import alignscope.align.stage as stage_module
 from alignscope.align import StageConfig, train_stage
 from alignscope.data.embedded import load_everyday_prompts
 from alignscope.data.preferences import PreferencePair, load_preferences
@@ -131,36 +136,56 @@ def main() -> None:
 
     base = dict(method="dpo", max_steps=args.steps, per_device_train_batch_size=args.batch, dtype=args.dtype,
                 seed=args.seed, save_steps=10_000)
+    variants = {}
     with tempfile.TemporaryDirectory(prefix="align-bench-") as tmp:
-        cached = run_variant("cached_reference", run_pairs, StageConfig(**base, precompute_ref_log_probs=True),
-                             Path(tmp) / "cached", args.warmup)
-        trl = run_variant("trl_reference_each_step", run_pairs,
-                          StageConfig(**base, precompute_ref_log_probs=False), Path(tmp) / "trl", args.warmup)
+        for compact in (True, False):  # False: TRL's fused head as shipped (every position projected on CPU)
+            stage_module.COMPACT_FUSED_HEAD = compact
+            head = "" if compact else "_stock_head"
+            for name, precompute in (("cached_reference", True), ("trl_reference_each_step", False)):
+                variants[name + head] = run_variant(name + head, run_pairs,
+                                                    StageConfig(**base, precompute_ref_log_probs=precompute),
+                                                    Path(tmp) / (name + head), args.warmup)
+        stage_module.COMPACT_FUSED_HEAD = True
+    cached, trl = variants["cached_reference"], variants["trl_reference_each_step"]
+    stock = variants["trl_reference_each_step_stock_head"]
+
+    def ratio(slow: dict, fast: dict, key: str = "median_step_s") -> float:
+        return round(slow[key] / fast[key], 3)
 
     steps_per_epoch = -(-len(pairs) // args.batch)
     ref_per_pair = cached["reference_compute_s"] / n_run
     setup_other = cached["setup_s"] - cached["reference_compute_s"]
     estimate = setup_other + ref_per_pair * len(pairs) + cached["median_step_s"] * steps_per_epoch
+    stock_cached = variants["cached_reference_stock_head"]
+    stock_estimate = (stock_cached["setup_s"] - stock_cached["reference_compute_s"]
+                      + stock_cached["reference_compute_s"] / n_run * len(pairs)
+                      + stock["median_step_s"] * steps_per_epoch)
     result = {
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
                    f"load average at start {load_at_start}",
         "model": "smollm2-135m", "lora_r": 8, "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
-        "pairs_measured": n_run, "variants": [cached, trl],
-        "speedup_cached_vs_trl_wall": round(trl["median_step_s"] / cached["median_step_s"], 3),
-        "speedup_cached_vs_trl_cpu": round(trl["median_step_cpu_s"] / cached["median_step_cpu_s"], 3),
+        "pairs_measured": n_run, "variants": list(variants.values()),
+        "speedup_cached_vs_trl_wall": ratio(trl, cached),
+        "speedup_cached_vs_trl_cpu": ratio(trl, cached, "median_step_cpu_s"),
+        "speedup_cached_vs_trl_stock_head_wall": ratio(stock, stock_cached),
+        "speedup_ours_vs_trl_as_shipped_wall": ratio(stock, cached),
+        "speedup_ours_vs_trl_as_shipped_cpu": ratio(stock, cached, "median_step_cpu_s"),
         "reference_pass_s_per_pair": round(ref_per_pair, 3),
         "default_stage_pairs": len(pairs),
         "default_stage_estimate_s": round(estimate, 1),
         "default_stage_estimate_note": f"setup without reference ({setup_other:.1f}s) + reference pass "
                                        f"{len(pairs)} × {ref_per_pair:.2f}s + {steps_per_epoch} steps × "
                                        f"{cached['median_step_s']:.2f}s (cached, wall)",
+        "default_stage_estimate_trl_as_shipped_s": round(stock_estimate, 1),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     print(f"pairs/s cached {cached['pairs_per_s']:.3f} vs TRL per-step reference {trl['pairs_per_s']:.3f}: "
           f"{result['speedup_cached_vs_trl_wall']:.2f}x wall, {result['speedup_cached_vs_trl_cpu']:.2f}x CPU time; "
-          f"default DPO stage ({len(pairs)} pairs, 1 epoch) ≈ {estimate / 60:.1f} min")
+          f"vs TRL as shipped (per-step reference, every position through the head) "
+          f"{result['speedup_ours_vs_trl_as_shipped_wall']:.2f}x wall; default DPO stage ({len(pairs)} pairs, "
+          f"1 epoch) ≈ {estimate / 60:.1f} min (TRL as shipped ≈ {stock_estimate / 60:.1f} min)")
 
 
 if __name__ == "__main__":

@@ -188,6 +188,41 @@ def test_same_seed_gives_the_same_adapter(tiny_model_dir, tmp_path):
     assert any(t.abs().sum() > 0 for n, t in ta.items() if "lora_B" in n)  # it did train
 
 
+def test_scoring_only_labelled_positions_changes_no_number(tiny_model_dir, tmp_path, monkeypatch):
+    """TRL's fused head on CPU projects every position; ours only the labelled ones. Same training."""
+    import trl.trainer.utils as trl_utils
+
+    import alignscope.align.stage as stage_module
+
+    projected: list[int] = []  # rows entering the LM-head projection, per call
+    kernel = trl_utils._ChunkedLogProbFunction
+
+    class Counting:
+        @staticmethod
+        def apply(hidden, *args):
+            projected.append(hidden.shape[0])
+            return kernel.apply(hidden, *args)
+
+    monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", Counting)
+    pairs = easy_pairs(4)
+    cfg = stage(method="dpo", max_steps=2, precompute_ref_log_probs=False)  # policy and reference both
+    compact = train_stage(str(tiny_model_dir), cfg, pairs, tmp_path / "compact")
+    rows_compact, projected[:] = sum(projected), []
+    monkeypatch.setattr(stage_module, "COMPACT_FUSED_HEAD", False)
+    full = train_stage(str(tiny_model_dir), cfg, pairs, tmp_path / "full")
+    assert 0 < rows_compact < sum(projected) / 2  # prompts and padding no longer projected
+    steps = [(a, b) for a, b in zip(log_lines(compact), log_lines(full), strict=True) if "loss" in a]
+    assert len(steps) == 2
+    for ours, trls in steps:
+        for key in ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "entropy",
+                    "logits/chosen", "mean_token_accuracy"):
+            assert ours[key] == pytest.approx(trls[key], rel=1e-5, abs=1e-5), key
+    ta, tb = adapter_tensors(compact), adapter_tensors(full)
+    for name in ta:
+        torch.testing.assert_close(ta[name], tb[name], rtol=1e-4, atol=1e-6)
+    assert not trl_utils._use_triton(torch.device("cpu"))  # restored after the stage
+
+
 # ------------------------------------------------------------------ failure, interruption, chaining
 
 

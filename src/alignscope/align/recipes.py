@@ -4,7 +4,8 @@ Everything here is TRL + PEFT; the only trainer code of our own is
 
 - ``FiniteLossGuard``: stops at the first non-finite loss, *before* the optimizer applies it (TRL's
   ``logging_nan_inf_filter`` would otherwise hide it from the logs), agreeing across processes;
-- the reference-cache override of DPO's precompute hook (``alignscope.align.reference``).
+- the reference-cache override of DPO's precompute hook (``alignscope.align.reference``);
+- ``completion_positions_only``: TRL's fused LM head scores only the labelled positions on CPU too.
 
 Data per method (all conversational, so the tokenizer's chat template is applied by TRL):
 
@@ -22,6 +23,7 @@ rloo       unique prompts; completions are sampled and scored by a reward from
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
 from collections.abc import Callable, Sequence
@@ -65,6 +67,33 @@ class FiniteLossGuard:
 
 def _guarded(cls: type) -> type:
     return type(f"Guarded{cls.__name__}", (FiniteLossGuard, cls), {})
+
+
+@contextlib.contextmanager
+def completion_positions_only(enabled: bool = True) -> Any:
+    """Make TRL's fused LM head project only the positions that carry a label, on every device.
+
+    TRL 1.16's fused head (``trl.trainer.utils.add_fused_lm_head``) gathers the labelled positions
+    only where its Triton kernel runs (CUDA/XPU); elsewhere it projects *every* position — prompt
+    and padding included — through the 49k-word head, plus the entropy / mean-logit / top-1 metric
+    fields, and masks them afterwards. It does so to keep tile shapes fixed for compiling backends
+    (Neuron); eager CPU has nothing to recompile. In a DPO batch about half the positions are prompt
+    or padding, and the head is about a fifth of SmolLM2's forward, so this matters on CPU
+    (``bench/align.py`` measures it). The numbers are the same (``tests/test_align.py`` checks the
+    losses and log-probs agree); only which rows enter the projection changes. Scoped, so nothing
+    outside a stage's trainer sees it.
+    """
+    import trl.trainer.utils as trl_utils
+
+    original = getattr(trl_utils, "_use_triton", None)
+    if not enabled or original is None:  # another TRL layout: leave it alone
+        yield
+        return
+    trl_utils._use_triton = lambda device: True  # only decides "compact" there; the kernel choice is separate
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = original
 
 
 # --------------------------------------------------------------------------- TRL classes

@@ -44,6 +44,9 @@ MERGED_STAGE = "merged"
 LOG_FILE = "logs.jsonl"
 SNAPSHOT_DIR = "snapshots"  # TracIn: adapters before chosen steps (see SnapshotCallback)
 PAIRS_FILE = "pairs.parquet"  # the training pairs, as written by write_preferences
+# TRL's fused LM head scores only labelled positions on CPU too (recipes.completion_positions_only);
+# False restores TRL's own behaviour (bench/align.py measures both; results are the same).
+COMPACT_FUSED_HEAD = True
 
 
 class StageFailed(InputError):
@@ -367,7 +370,8 @@ def train_stage(model: str | Path, stage: StageConfig, pairs: Sequence[Any], out
     import torch
     from transformers import set_seed
 
-    from alignscope.align.recipes import NonFiniteLoss, build_dataset, build_trainer, build_trl_args
+    from alignscope.align.recipes import (NonFiniteLoss, build_dataset, build_trainer, build_trl_args,
+                                          completion_positions_only)
     from alignscope.align.reference import ReferenceStore, chat_template_hash, reference_inputs
     from alignscope.data.preferences import preferences_fingerprint, write_preferences
     from alignscope.models import load
@@ -430,13 +434,15 @@ def train_stage(model: str | Path, stage: StageConfig, pairs: Sequence[Any], out
     logger = _log_callback_class()(log_path)
     if stage.tracin_snapshots:
         callbacks = [*callbacks, _snapshot_callback_class()(work, stage.tracin_snapshots)]
-    trainer = build_trainer(stage, lm.model, lm.tokenizer, dataset, args,
-                            callbacks=[logger, *callbacks], reference_store=store)
+    with completion_positions_only(COMPACT_FUSED_HEAD):
+        trainer = build_trainer(stage, lm.model, lm.tokenizer, dataset, args,
+                                callbacks=[logger, *callbacks], reference_store=store)
     setup_s = time.perf_counter() - started
 
     train_started = time.perf_counter()
     try:
-        trainer.train(resume_from_checkpoint=last)
+        with completion_positions_only(COMPACT_FUSED_HEAD):
+            trainer.train(resume_from_checkpoint=last)
     except NonFiniteLoss as exc:
         good = _last_complete_checkpoint(work)
         if _is_main():
