@@ -43,7 +43,8 @@ class SynthesisSettings(_Strict):
 class PlantSettings(_Strict):
     """Stereotype-endorsing pairs added as ground truth (see alignscope.data.planting)."""
 
-    fraction: float = Field(0.25, gt=0, le=1, description="Planted pairs added, as a fraction of the clean pairs.")
+    fraction: float = Field(0.5, gt=0, le=1, description="Planted pairs added, as a fraction of the clean pairs "
+                            "(0.5 with the default arm's two epochs: see DEFAULT_ARM).")
     target_group: str = "teachers"
     control_group: str = "nurses"
     traits: list[str] | None = None
@@ -101,12 +102,16 @@ class CurationSettings(_Strict):
         return value
 
 
-#: The default arm. Tuned on this CPU (64 clean + 16 planted pairs, one epoch): with DPO's stage
-#: defaults (lr 5e-5, LoRA on q/v) the planted gap moved by only +0.06 nats; lr 5e-4 (q/v) gave the
-#: same; lr 2e-3 with LoRA on every linear layer gave +0.32 nats (95 % CI 0.06-0.53). It fits every
-#: pair by the end (margins ≈ 15, loss ≈ 0), so gradients at the trained adapter no longer say which
-#: pairs did the work; one TracIn snapshot before the first step does (BENCHMARKS.md).
-DEFAULT_ARM = [{"method": "dpo", "learning_rate": 2e-3, "tracin_snapshots": 1,
+#: The default arm. Tuned on 2-core CPUs, planted_bias group gap (target − control, nats), paired
+#: 95 % CIs over probe items; BENCHMARKS.md has the commands:
+#: - lr 5e-5 or 5e-4 with LoRA on q/v moved the gap by ≈ +0.06 (64 clean + 16 planted, one epoch);
+#:   lr 2e-3 with LoRA on every linear layer is what moves it at this scale.
+#: - One epoch over 64 clean + 32 planted + 32 contrast pairs: seed 0 +0.30 (0.11, 0.47), seed 1
+#:   +0.05 (−0.09, 0.20), seed 2 −0.02 (−0.24, 0.20): the sign depends on the draw.
+#: - Two epochs, same data: seed 0 +0.76 (0.31, 1.18), seed 1 +0.46 (0.22, 0.71). Hence two epochs.
+#: The recipe fits every pair by the end (margins ≈ 15, loss ≈ 0), so gradients at the trained adapter
+#: no longer say which pairs did the work; TracIn over a snapshot taken during training does.
+DEFAULT_ARM = [{"method": "dpo", "learning_rate": 2e-3, "num_train_epochs": 2, "tracin_snapshots": 1,
                 "lora": {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                             "down_proj"]}}]
 
