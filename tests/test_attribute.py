@@ -146,6 +146,11 @@ def test_sign_convention_and_planted_recovery(trained):
     assert default == ("margin" if result.method == "dpo" else "gradsim_cosine")
     assert summary["planted"]["estimators"][default]["auc"] == 1.0
     assert summary["planted"]["estimators"][default]["recall_at_k"] == 1.0
+    if result.method == "dpo":  # per-side recovery, computed from the stored side columns
+        sides = summary["planted"]["estimators"][default]["sides"]
+        assert set(sides) == {"chosen", "rejected"}
+        assert sides["chosen"]["auc"] == est.planted_auc(scores[f"chosen_{default}"].to_numpy(),
+                                                        scores["planted"].to_numpy(bool))
     assert set(scores.loc[scores["rank"] <= 2].index) == {"x0", "x1"}
     # chosen/rejected parts add up to the default score
     parts = scores[f"chosen_{default}"] + scores[f"rejected_{default}"]

@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pytest
+import torch
 
 from test_determinism import TRAINING_TOLERANCE, max_adapter_difference
 
@@ -96,7 +98,7 @@ def test_killed_audit_reruns_to_the_same_item_scores(tiny_model_dir: Path, tmp_p
         return manifest.exists() and len(json.loads(manifest.read_text()).get("artefacts", {})) >= 1
 
     _wait_for(reached, proc)
-    _kill(proc, rng.uniform(0.2, 1.5))
+    _kill(proc, rng.uniform(0.0, 0.3))  # short: on a fast CPU the other two probes take about a second
     _no_finished_partials(killed)
 
     _finish(_cli(_audit_args(tiny_model_dir, killed), cache))
@@ -113,7 +115,7 @@ def test_killed_audit_reruns_to_the_same_item_scores(tiny_model_dir: Path, tmp_p
 
 STAGE_YAML = """\
 method: dpo
-max_steps: 6
+max_steps: 20
 per_device_train_batch_size: 2
 max_length: 40
 dtype: float32
@@ -139,7 +141,7 @@ def test_killed_align_resumes_to_the_same_adapter(tiny_model_dir: Path, tmp_path
     killed = tmp_path / "killed"
     cache = tmp_path / "cache"
     proc = _cli(_align_args(tiny_model_dir, killed, data, config), cache)
-    step = rng.randint(1, 4)  # kill after checkpoint-<step> exists, of 6 steps
+    step = rng.randint(1, 4)  # kill after checkpoint-<step> exists, of 20 (a fast CPU runs ~10 steps/s here)
     _wait_for(lambda: any(killed.glob(f".work/align/*/checkpoint-{step}/trainer_state.json")), proc)
     _kill(proc, rng.uniform(0.0, 0.3))
     assert not list(killed.glob("align/*/.done"))
@@ -152,9 +154,9 @@ def test_killed_align_resumes_to_the_same_adapter(tiny_model_dir: Path, tmp_path
     [resumed] = [p.parent for p in killed.glob("align/*/.done")]
     [clean] = [p.parent for p in reference.glob("align/*/.done")]
     summary = json.loads((resumed / "summary.json").read_text())
-    assert summary["steps"] == 6 and (summary["resumed_from_step"] or 0) >= step
+    assert summary["steps"] == 20 and (summary["resumed_from_step"] or 0) >= step
     records = [json.loads(x) for x in (resumed / "logs.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]  # each step's loss exactly once
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 21))  # each step's loss exactly once
     diff = max_adapter_difference(resumed / "adapter", clean / "adapter")
     print(f"killed after checkpoint-{step}: max abs adapter difference vs uninterrupted run: {diff:.3g}")
     assert diff <= TRAINING_TOLERANCE
@@ -180,7 +182,7 @@ def test_killed_study_resumes_to_the_same_results(tiny_model_dir: Path, tmp_path
     config = tmp_path / "study.yaml"
     config.write_text(f"model: {tiny_model_dir}\nseed: 5\n", encoding="utf-8")
     rng = random.Random(SEED)
-    steps_done, jitter = rng.randint(1, 5), rng.uniform(0.0, 2.0)
+    steps_done, jitter = rng.randint(1, 5), rng.uniform(0.0, 0.5)  # a fast CPU finishes a quick step in ~1 s
 
     reference = tmp_path / "reference"
     _finish(_cli(["study", str(config), "--quick", "--out", str(reference)], tmp_path / "cache-reference"))
@@ -216,3 +218,34 @@ def test_a_checkpoint_killed_while_saving_is_skipped_and_removed(tmp_path: Path)
             (ckpt / "trainer_state.json").write_text(state)
     assert _last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")  # numeric, not lexical
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10", "checkpoint-2"]
+
+
+def test_a_stage_killed_after_its_final_checkpoint_is_loaded_not_trained_again(tiny_model_dir: Path,
+                                                                                  tmp_path: Path) -> None:
+    """CI found it on a fast machine: killed between the last checkpoint and the stage's own save,
+    a resumed Trainer ran a 7th step of 6. The finished checkpoint must be loaded as it is."""
+    from test_align import adapter_tensors, easy_pairs, log_lines
+    from transformers import TrainerCallback
+
+    from alignscope.align import StageConfig, train_stage
+
+    class KilledAfterFinalSave(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == state.max_steps:
+                raise KeyboardInterrupt("killed after the last checkpoint")
+
+    # 6 steps of 4 per epoch: the plan ends mid-epoch, which is when the extra step happened
+    cfg = StageConfig(method="dpo", max_steps=6, per_device_train_batch_size=2, max_length=40, dtype="float32",
+                      learning_rate=1e-3, save_steps=1, save_total_limit=2, seed=5)
+    pairs = easy_pairs(8)
+    with pytest.raises(KeyboardInterrupt):
+        train_stage(str(tiny_model_dir), cfg, pairs, tmp_path / "killed", callbacks=[KilledAfterFinalSave()])
+    assert list((tmp_path / "killed").glob(".work/align/*/checkpoint-6/trainer_state.json"))
+    resumed = train_stage(str(tiny_model_dir), cfg, pairs, tmp_path / "killed")
+    clean = train_stage(str(tiny_model_dir), cfg, pairs, tmp_path / "clean")
+    assert resumed.summary["steps"] == 6 and resumed.summary["resumed_from_step"] == 6
+    assert [r["step"] for r in log_lines(resumed) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    got, want = adapter_tensors(resumed), adapter_tensors(clean)
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=TRAINING_TOLERANCE)

@@ -175,6 +175,24 @@ def _last_complete_checkpoint(work: Path) -> str | None:
     return str(max(complete)[1]) if complete else None
 
 
+def _is_final_checkpoint(checkpoint: str) -> bool:
+    """Whether a checkpoint was saved after the last planned step (killed before the stage was written).
+
+    Resuming from such a checkpoint, transformers 5.x trains one step *more* than ``max_steps``
+    (measured: 7 of 6; ``tests/test_interruption.py``), so it is loaded instead of resumed.
+    """
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    return int(state.get("max_steps") or 0) > 0 and int(state.get("global_step") or 0) >= int(state["max_steps"])
+
+
+def _load_final_checkpoint(trainer: Any, checkpoint: str) -> None:
+    """Put a finished checkpoint's weights and state into ``trainer`` without training."""
+    from transformers import TrainerState
+
+    trainer._load_from_checkpoint(checkpoint)  # the Trainer's own loader: adapter or full weights
+    trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+
+
 def _truncate_log(path: Path, last_step: int) -> None:
     """Drop log lines after ``last_step`` (before resuming from that checkpoint)."""
     if not path.exists():
@@ -441,8 +459,11 @@ def train_stage(model: str | Path, stage: StageConfig, pairs: Sequence[Any], out
 
     train_started = time.perf_counter()
     try:
-        with completion_positions_only(COMPACT_FUSED_HEAD):
-            trainer.train(resume_from_checkpoint=last)
+        if last and _is_final_checkpoint(last):
+            _load_final_checkpoint(trainer, last)
+        else:
+            with completion_positions_only(COMPACT_FUSED_HEAD):
+                trainer.train(resume_from_checkpoint=last)
     except NonFiniteLoss as exc:
         good = _last_complete_checkpoint(work)
         if _is_main():

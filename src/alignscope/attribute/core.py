@@ -378,13 +378,28 @@ def _outputs(result: _Result, stage: Any, objective: Any, pairs: list[Any], prob
                       "tracin_snapshots": result.snapshots},
         "n_pairs": len(pairs),
     }
-    planted = frame["planted"].to_numpy(bool)
+    planted = np.array([bool(p.planted) for p in pairs])  # pair order, as the estimators' rows (frame is ranked)
     if planted.any():
         summary["planted"] = {"n_planted": int(planted.sum()), "k": int(planted.sum()), "estimators": {
-            name: {"auc": est.planted_auc(frame[f"score_{name}"].to_numpy(), planted),
-                   "recall_at_k": est.recall_at_k(frame[f"score_{name}"].to_numpy(), planted)}
-            for name in computed}}
+            name: _recovery(result.scores[name], planted) for name in computed}}
     return frame, summary, result.logps, result.measurement
+
+
+def _recovery(value: Any, planted: np.ndarray) -> dict[str, Any]:
+    """Planted-pair AUC and recall@k of a score, and of its chosen / rejected parts where it has them.
+
+    The parts are kept apart because they behave differently: the planted stereotype is in the
+    chosen replies, while the rejected replies (declines) share no wording with the probe, so the
+    rejected part's inner product with the measurement is mostly noise (BENCHMARKS.md measures both).
+    """
+    def stats(column: np.ndarray) -> dict[str, float]:
+        return {"auc": est.planted_auc(column, planted), "recall_at_k": est.recall_at_k(column, planted)}
+
+    scores = value.total[:, 0] if isinstance(value, est.Scores) else np.asarray(value, dtype=float)
+    out: dict[str, Any] = stats(scores)
+    if isinstance(value, est.Scores) and len(value.sides) > 1:
+        out["sides"] = {side: stats(part[:, 0]) for side, part in value.sides.items()}
+    return out
 
 
 # --------------------------------------------------------------------------- curation
