@@ -261,3 +261,27 @@ def test_cli_attribute_and_curate(trained, tmp_path, capsys):
     assert cli(["curate", "--run", str(run), "--attribution", key, "--drop-top", "2", "--random", "--out",
                 str(tmp_path / "random.jsonl")]) == 0
     assert len(load_preferences(tmp_path / "random.jsonl")) == len(planted_pairs()) - 2
+
+
+@pytest.mark.parametrize("trained", ["dpo"], indirect=True)
+def test_lds_retrains_on_random_subsets_and_correlates_predictions(trained):
+    """LDS: each subset is retrained (a cached stage of the run), f is measured there, and the
+    prediction is the sum of the subset's scores; with the echo probe, subsets holding the planted
+    pairs (whose chosen reply *is* the measured text) end higher, and the scores know it."""
+    from alignscope.attribute.validation import linear_datamodeling_score
+    from alignscope.data.preferences import load_preferences
+    from alignscope.store import RunDir
+
+    run, result = trained
+    artefact = attribute(run, result.path, EchoProbe(), methods=["gradsim"])
+    checked = linear_datamodeling_score(run, artefact.path, subsets=6, fraction=0.5, seed=2)
+    table = pd.read_parquet(checked.file("subsets.parquet"))
+    summary = json.loads(checked.file("summary.json").read_text())
+    assert len(table) == 6 and (table["n_pairs"] == 5).all() and table["f"].nunique() == 6
+    scores = pd.read_parquet(artefact.file("scores.parquet")).set_index("pair_id")
+    for row in table.itertuples():  # the prediction is the retrained subset's own score sum
+        subset = load_preferences(RunDir(run).root / "align" / row.stage / "pairs.parquet")
+        assert row.predicted_margin == pytest.approx(scores.loc[[p.id for p in subset], "score_margin"].sum())
+    assert set(summary["lds"]) == {"gradsim_dot", "gradsim_cosine", "margin"}
+    assert summary["lds"]["gradsim_dot"] > 0.5, summary["lds"]
+    assert linear_datamodeling_score(run, artefact.path, subsets=6, fraction=0.5, seed=2).path == checked.path

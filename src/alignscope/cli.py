@@ -271,6 +271,9 @@ def attribute_cmd(
     limit: Annotated[Optional[int], typer.Option(help="Probe items (seeded subset) for quick runs.")] = None,
     data: Annotated[Optional[Path], typer.Option(help="Training pairs, for a stage without pairs.parquet.")] = None,
     seed: int = 0,
+    lds: Annotated[int, typer.Option(help="Also validate by retraining on this many random subsets (linear "
+                                     "datamodeling score; slow: one training each). 0: off.")] = 0,
+    lds_fraction: Annotated[float, typer.Option(help="Share of the pairs in each LDS subset.")] = 0.5,
 ) -> None:
     """Rank a stage's training pairs by how much each moved a probe's metric (positive = towards worse)."""
     from alignscope.attribute import attribute
@@ -278,6 +281,10 @@ def attribute_cmd(
 
     if not (Path(run) / "align").is_dir() and not (Path(stage) / "summary.json").exists():
         raise InputError(f"--run {run}: no align/ stages there; pass the run directory of `alignscope align`")
+    if lds:
+        from alignscope.attribute.validation import check_lds_settings
+
+        check_lds_settings(lds, lds_fraction)  # before the attribution, not after it
     artefact = attribute(run, stage, probe, metric=metric, methods=method or list(DEFAULT_METHODS),
                          project_dim=project_dim, limit=limit, seed=seed, data=data, out=out)
     summary = json.loads(artefact.file("summary.json").read_text())
@@ -287,6 +294,14 @@ def attribute_cmd(
     for name, row in (summary.get("planted") or {}).get("estimators", {}).items():
         auc, recall = row["auc"], row["recall_at_k"]
         typer.echo(f"  {name:16s} planted AUC {auc:.3f}  recall@{summary['planted']['k']} {recall:.2f}")
+    if lds:
+        from alignscope.attribute.validation import linear_datamodeling_score
+
+        checked = linear_datamodeling_score(out or run, artefact.path, subsets=lds, fraction=lds_fraction, seed=seed)
+        result = json.loads(checked.file("summary.json").read_text())
+        typer.echo(f"LDS over {lds} retrained subsets -> {checked.path}")
+        for name, value in result["lds"].items():
+            typer.echo(f"  {name:16s} LDS {'n/a (constant)' if value is None else f'{value:+.3f}'}")
 
 
 @app.command("curate")
