@@ -7,6 +7,7 @@ One run, same model, data and measurement (the ``planted_bias`` probe's group-sp
   2. ``attribute(..., methods=gradsim+datainf)``: per-pair gradient collection throughput vs the
      training step's per-pair throughput (median step, steady state), and planted-pair AUC /
      recall@k of every estimator;
+  2b. ``attribute(..., methods=tracin)`` at the stage's step-0 snapshot (the study default), timed alone;
   3. ``attribute(..., methods=ekfac)``: kronfluence EK-FAC on the same objective and measurement,
      wall time and AUC;
   4. scoring alone on a 2,000-pair × 500-measurement problem (random gradients with the stage's
@@ -125,7 +126,7 @@ def main() -> None:
         run = Path(tmp)
         timer = StepTimer()
         cfg = StageConfig(method="dpo", num_train_epochs=args.epochs, learning_rate=args.lr, dtype=args.dtype,
-                          seed=args.seed, save_steps=10_000)
+                          seed=args.seed, save_steps=10_000, tracin_snapshots=1)  # the snapshot changes no weight
         started = time.perf_counter()
         stage = train_stage("smollm2-135m", cfg, pairs, run, callbacks=[timer])
         step = statistics.median(timer.times[1:] or timer.times)
@@ -152,6 +153,18 @@ def main() -> None:
             "planted": {name: planted_metrics(summary, name) for name in summary["estimators"]},
         }
         print(json.dumps({"ours": result["ours"]}), flush=True)
+
+        started = time.perf_counter()  # the study's default: TracIn at the step-0 snapshot, alone
+        traced = attribute(run, stage.path, "planted_bias", methods=["tracin"], limit=args.items)
+        tracin_wall = time.perf_counter() - started
+        t_summary = json.loads(traced.file("summary.json").read_text())
+        t = t_summary["timings"]
+        tracin_s = sum(v for k, v in t.items() if k.startswith(("train_gradients", "measurement_gradients"))) \
+            + t["scoring_s"]
+        result["tracin"] = {"wall_s": round(tracin_wall, 2), "attribution_s": round(tracin_s, 2), "timings": t,
+                            "planted": planted_metrics(t_summary, "tracin"),
+                            "sides": t_summary.get("planted", {}).get("estimators", {}).get("tracin", {}).get("sides")}
+        print(json.dumps({"tracin": result["tracin"]}), flush=True)
         layers_file = run / "gradients" / summary["gradients"]["key"] / "layers.json"
         n_layers = len(json.loads(layers_file.read_text())["layers"])  # LoRA A/B weights of the stage
 
@@ -167,6 +180,8 @@ def main() -> None:
             result["speedup_vs_ekfac"] = round(ek_s / attribution_s, 2)
             result["auc_ours_default"] = result["ours"]["planted"][default]["auc"]
             result["auc_ekfac"] = result["ekfac"]["planted"]["auc"]
+            result["speedup_tracin_vs_ekfac"] = round(ek_s / result["tracin"]["attribution_s"], 2)
+            result["auc_tracin"] = result["tracin"]["planted"]["auc"]
             print(json.dumps({"ekfac": result["ekfac"]}), flush=True)
 
     result["scoring"] = scoring_problem(args.score_train, args.score_test, args.score_dim, n_layers, args.seed)
