@@ -282,6 +282,6 @@ def test_lds_retrains_on_random_subsets_and_correlates_predictions(trained):
     for row in table.itertuples():  # the prediction is the retrained subset's own score sum
         subset = load_preferences(RunDir(run).root / "align" / row.stage / "pairs.parquet")
         assert row.predicted_margin == pytest.approx(scores.loc[[p.id for p in subset], "score_margin"].sum())
-    assert set(summary["lds"]) == {"gradsim_dot", "gradsim_cosine", "margin"}
+    assert set(summary["lds"]) == {"gradsim_dot", "gradsim_cosine", "margin", "chosen_margin", "rejected_margin"}
     assert summary["lds"]["gradsim_dot"] > 0.5, summary["lds"]
     assert linear_datamodeling_score(run, artefact.path, subsets=6, fraction=0.5, seed=2).path == checked.path

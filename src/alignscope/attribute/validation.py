@@ -51,8 +51,10 @@ def linear_datamodeling_score(run: RunDir | str | Path, attribution: str | Path,
     stage = resolve_stage(run, summary["stage"])
     config = StageConfig.model_validate({**stage.summary["config"], "tracin_snapshots": 0})
     scores = pd.read_parquet(path / "scores.parquet").set_index("pair_id")
-    estimators = [c.removeprefix("score_") for c in scores.columns
-                  if c.startswith("score_") and c != "score_self_influence"]
+    # every linear score, and the default estimator's chosen / rejected parts (which part predicts
+    # retraining is an open question for DPO: BENCHMARKS.md)
+    predictors = {c.removeprefix("score_"): c for c in scores.columns
+                  if c.startswith(("score_", "chosen_", "rejected_")) and c != "score_self_influence"}
     measurement = pd.read_parquet(path / "measurement.parquet")
     requests = [ScoreRequest(context=r.context, continuation=r.continuation, chat=bool(r.chat))
                 for r in measurement.itertuples()]
@@ -73,11 +75,11 @@ def linear_datamodeling_score(run: RunDir | str | Path, attribution: str | Path,
         ids = [str(p.id) for p in subset]
         row: dict[str, Any] = {"subset": m, "n_pairs": len(subset), "f": value, "stage": result.key,
                                "n_planted": int(sum(bool(p.planted) for p in subset))}
-        for name in estimators:
-            row[f"predicted_{name}"] = float(scores.loc[ids, f"score_{name}"].sum())
+        for name, column in predictors.items():
+            row[f"predicted_{name}"] = float(scores.loc[ids, column].sum())
         rows.append(row)
     table = pd.DataFrame(rows)
-    lds = {name: _spearman(table[f"predicted_{name}"].to_numpy(), table["f"].to_numpy()) for name in estimators}
+    lds = {name: _spearman(table[f"predicted_{name}"].to_numpy(), table["f"].to_numpy()) for name in predictors}
     with run.build(LDS_STAGE, inputs) as scratch:
         atomic_write_parquet(scratch / "subsets.parquet", table)
         atomic_write_json(scratch / "summary.json", {
