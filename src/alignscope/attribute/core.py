@@ -352,7 +352,7 @@ def _outputs(result: _Result, stage: Any, objective: Any, pairs: list[Any], prob
         "chosen": [p.chosen for p in pairs], "rejected": [p.rejected for p in pairs],
         "planted": [bool(p.planted) for p in pairs], "group": [p.group for p in pairs]})
     for name, value in result.scores.items():
-        frame[f"score_{name}"] = (value.total[:, 0] if isinstance(value, est.Scores) else np.asarray(value)).astype(float)
+        frame[f"score_{name}"] = _score_column(value)
     chosen_default = result.scores[default]
     for side in ("chosen", "rejected"):
         if isinstance(chosen_default, est.Scores) and side in chosen_default.sides:
@@ -385,6 +385,11 @@ def _outputs(result: _Result, stage: Any, objective: Any, pairs: list[Any], prob
     return frame, summary, result.logps, result.measurement
 
 
+def _score_column(value: est.Scores | np.ndarray) -> np.ndarray:
+    """One score per pair (the single measurement column of a linear estimator, or the raw array)."""
+    return (value.total[:, 0] if isinstance(value, est.Scores) else np.asarray(value)).astype(float)
+
+
 def _recovery(value: Any, planted: np.ndarray) -> dict[str, Any]:
     """Planted-pair AUC and recall@k of a score, and of its chosen / rejected parts where it has them.
 
@@ -395,8 +400,7 @@ def _recovery(value: Any, planted: np.ndarray) -> dict[str, Any]:
     def stats(column: np.ndarray) -> dict[str, float]:
         return {"auc": est.planted_auc(column, planted), "recall_at_k": est.recall_at_k(column, planted)}
 
-    scores = value.total[:, 0] if isinstance(value, est.Scores) else np.asarray(value, dtype=float)
-    out: dict[str, Any] = stats(scores)
+    out: dict[str, Any] = stats(_score_column(value))
     if isinstance(value, est.Scores) and len(value.sides) > 1:
         out["sides"] = {side: stats(part[:, 0]) for side, part in value.sides.items()}
     return out
