@@ -4,9 +4,9 @@ One run, same model, data and measurement (the ``planted_bias`` probe's group-sp
 
   1. trains a DPO stage (LoRA r=8 q/v, the stage defaults) on clean pairs + planted stereotype
      pairs (``alignscope.data.planting.plant``), timing every optimizer step;
-  2. ``attribute(..., methods=gradsim+datainf)``: per-pair gradient collection throughput vs the
-     training step's per-pair throughput (median step, steady state), and planted-pair AUC /
-     recall@k of every estimator;
+  2. ``attribute(..., methods=gradsim+datainf+ekfac_onepass)``: per-pair gradient collection (with
+     the K-FAC sums) throughput vs the training step's per-pair throughput (median step, steady
+     state), and planted-pair AUC / recall@k of every estimator;
   2b. ``attribute(..., methods=tracin)`` at the stage's step-0 snapshot (the study default), timed alone;
   3. ``attribute(..., methods=ekfac)``: kronfluence EK-FAC on the same objective and measurement,
      wall time and AUC;
@@ -115,6 +115,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("bench/results/attribute.json"))
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="run directory to keep (stage, gradients, attributions); default: a temporary one")
     args = parser.parse_args()
     result: dict = {"args": vars(args) | {"out": str(args.out)}, "threads": torch.get_num_threads(),
                     "loadavg_start": open("/proc/loadavg").read().split()[0] if Path("/proc/loadavg").exists() else None}
@@ -123,7 +125,7 @@ def main() -> None:
                   control_group="nurses", seed=args.seed)
     n_planted = sum(p.planted for p in pairs)
     with tempfile.TemporaryDirectory(prefix="attr-bench-") as tmp:
-        run = Path(tmp)
+        run = args.keep or Path(tmp)
         timer = StepTimer()
         cfg = StageConfig(method="dpo", num_train_epochs=args.epochs, learning_rate=args.lr, dtype=args.dtype,
                           seed=args.seed, save_steps=10_000, tracin_snapshots=1)  # the snapshot changes no weight
@@ -138,14 +140,18 @@ def main() -> None:
         print(json.dumps({"train": result["train"]}), flush=True)
 
         started = time.perf_counter()
-        ours = attribute(run, stage.path, "planted_bias", methods=["gradsim", "datainf"], limit=args.items)
+        ours = attribute(run, stage.path, "planted_bias", methods=["gradsim", "datainf", "ekfac_onepass"],
+                         limit=args.items)
         ours_wall = time.perf_counter() - started
         summary = json.loads(ours.file("summary.json").read_text())
         timings = summary["timings"]
         collect_rate = len(pairs) / timings["train_gradients_s"]
-        attribution_s = timings["train_gradients_s"] + timings["measurement_gradients_s"] + timings["scoring_s"]
+        gradients_s = timings["train_gradients_s"] + timings["measurement_gradients_s"]
+        attribution_s = gradients_s + timings["scoring_s"]
+        onepass_s = gradients_s + timings["score_ekfac_onepass_s"]  # what EK-FAC alone costs here
         result["ours"] = {
             "wall_s": round(ours_wall, 2), "timings": timings, "attribution_s": round(attribution_s, 2),
+            "ekfac_onepass_s": round(onepass_s, 2),
             "collect_pairs_per_s": round(collect_rate, 3),
             "collect_vs_train_throughput": round(collect_rate / result["train"]["pairs_per_s"], 3),
             "default_estimator": summary["default_estimator"], "dim": summary["gradients"]["dim"],
@@ -178,6 +184,8 @@ def main() -> None:
                                "planted": planted_metrics(ek, "ekfac")}
             default = result["ours"]["default_estimator"]
             result["speedup_vs_ekfac"] = round(ek_s / attribution_s, 2)
+            result["speedup_onepass_vs_ekfac"] = round(ek_s / onepass_s, 2)
+            result["auc_onepass"] = result["ours"]["planted"]["ekfac_onepass"]["auc"]
             result["auc_ours_default"] = result["ours"]["planted"][default]["auc"]
             result["auc_ekfac"] = result["ekfac"]["planted"]["auc"]
             result["speedup_tracin_vs_ekfac"] = round(ek_s / result["tracin"]["attribution_s"], 2)

@@ -59,6 +59,56 @@ def test_datainf_equals_the_direct_formula():
     assert np.corrcoef(got, exact)[0, 1] > 0.5
 
 
+class FactorGradients:
+    """Loss gradients (coefficient 1) with per-layer shapes and K-FAC sums, as a GradientSet has."""
+
+    sides = ("chosen",)
+
+    def __init__(self, g: np.ndarray, shapes: list[tuple[int, int]], factors: list) -> None:
+        from types import SimpleNamespace
+
+        self.g, self.kfac, self.layers, offset = g, factors, [], 0
+        for shape in shapes:
+            self.layers.append(SimpleNamespace(offset=offset, size=shape[0] * shape[1], proj=shape))
+            offset += shape[0] * shape[1]
+
+    def side(self, name: str) -> np.ndarray:
+        return self.g
+
+    def coef(self, kind: str, side: str) -> np.ndarray:
+        return np.ones(len(self.g))
+
+    def factors(self) -> list:
+        return self.kfac
+
+
+def test_ekfac_onepass_equals_a_dense_eigenvalue_corrected_inverse():
+    """Per layer: H = Q diag(Λ) Qᵀ with Q = Q_S ⊗ Q_A from the K-FAC sums and Λ the mean squared
+    per-pair gradient in that basis; score = −∇L_iᵀ (H + 0.1·mean(Λ)·I)⁻¹ ∇f."""
+    rng = np.random.default_rng(0)
+    shapes = [(3, 2), (2, 4)]
+    g = rng.normal(size=(9, sum(a * b for a, b in shapes)))
+    v = rng.normal(size=g.shape[1])
+
+    def spd(k: int) -> np.ndarray:
+        m = rng.normal(size=(k, k + 2))
+        return m @ m.T
+
+    factors = [(spd(b), spd(a)) for a, b in shapes]  # (A over inputs, S over outputs)
+    got = est.ekfac_onepass(FactorGradients(g, shapes, factors), v).total[:, 0]
+    expected, offset = np.zeros(len(g)), 0
+    for (out, inp), (a, s) in zip(shapes, factors):
+        part = slice(offset, offset + out * inp)
+        q = np.kron(np.linalg.eigh(s)[1], np.linalg.eigh(a)[1])  # row-major vec(Q_Sᵀ G Q_A) = qᵀ vec(G)
+        lam = np.mean((g[:, part] @ q) ** 2, axis=0)
+        h = q @ np.diag(lam) @ q.T + 0.1 * lam.mean() * np.eye(out * inp)
+        expected += -(g[:, part] @ np.linalg.solve(h, v[part]))
+        offset += out * inp
+    assert got == pytest.approx(expected, rel=1e-8, abs=1e-12)
+    with pytest.raises(InputError, match="factors"):
+        est.ekfac_onepass(est.ArrayGradients.from_loss_gradients(g), v)
+
+
 def test_cosine_and_dot_agree_in_sign_and_margin_divides_the_weight_out():
     rng = np.random.default_rng(3)
     gc, gr = rng.normal(size=(9, 6)), rng.normal(size=(9, 6))
@@ -222,6 +272,20 @@ def test_ekfac_through_kronfluence_agrees_in_direction(trained):
     assert scores.loc["x0", "score_ekfac"] > 0 and scores.loc["x1", "score_ekfac"] > 0
     rho = scores[["score_ekfac", "score_datainf"]].corr(method="spearman").iloc[0, 1]
     assert rho > 0.5
+
+
+@pytest.mark.parametrize("trained", ["dpo"], indirect=True)
+def test_one_pass_ekfac_recovers_the_planted_pairs_and_agrees_with_kronfluence(trained):
+    run, result = trained
+    artefact = attribute(run, result.path, EchoProbe(), methods=["ekfac_onepass", "ekfac"])
+    scores = pd.read_parquet(artefact.file("scores.parquet")).set_index("pair_id")
+    summary = json.loads(artefact.file("summary.json").read_text())
+    assert summary["default_estimator"] == "ekfac_onepass"
+    assert scores.loc["x0", "score_ekfac_onepass"] > 0 and scores.loc["x1", "score_ekfac_onepass"] > 0
+    assert summary["planted"]["estimators"]["ekfac_onepass"]["auc"] == 1.0
+    rho = scores[["score_ekfac_onepass", "score_ekfac"]].corr(method="spearman").iloc[0, 1]
+    assert rho > 0.5
+    assert (run / "gradients" / summary["gradients"]["key"] / "factors.npz").exists()
 
 
 def test_curate_drops_the_top_and_a_random_control(trained, tmp_path):

@@ -123,6 +123,49 @@ def test_batched_gradients_equal_a_per_example_loop(dpo_stage, tiny_model_dir, t
     assert len(gs.layers) == 2 * 2 * 2  # 2 layers × (q, v) × (A, B)
 
 
+def token_factor_sums(lm, data, objective) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The slow reference for the K-FAC sums: each side row alone, autograd to every LoRA linear's
+    output, Σ x xᵀ and Σ g gᵀ over the tokens whose output gradient is non-zero."""
+    from alignscope.attribute.gradients import lora_linears
+
+    lp = LogProbModel(lm.model, lm.tokenizer.pad_token_id)
+    modules = lora_linears(lm.model)
+    sums = {name: (torch.zeros(m.weight.shape[1], m.weight.shape[1], dtype=torch.float64),
+                   torch.zeros(m.weight.shape[0], m.weight.shape[0], dtype=torch.float64)) for name, m in modules}
+    for pair in data:
+        for row in encode_pair(lm.tokenizer, pair, objective.sides, 40, "keep_start"):
+            seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+            hooks = [m.register_forward_hook(lambda mod, inp, out, n=name: seen.__setitem__(n, (inp[0], out)))
+                     for name, m in modules]
+            value = lp([row], input_hook=lambda e: e.detach().requires_grad_(True))
+            for h in hooks:
+                h.remove()
+            outs = torch.autograd.grad(value.sum(), [seen[name][1] for name, _ in modules])
+            for (name, _), g in zip(modules, outs):
+                x, g = seen[name][0][0].detach().double(), g[0].double()
+                keep = g.abs().amax(dim=-1) > 0
+                sums[name][0].add_(x[keep].T @ x[keep])
+                sums[name][1].add_(g[keep].T @ g[keep])
+    return sums
+
+
+def test_kfac_sums_collected_with_the_gradients_equal_a_per_row_loop(dpo_stage, tmp_path):
+    _, data, result = dpo_stage
+    lm = loaded(result)
+    objective = objective_from_summary(result.summary)
+    gs = collect_pair_gradients(lm, data, objective, run=RunDir(tmp_path), inputs={"t": "factors"}, max_length=40,
+                                truncation_mode="keep_start", reference=stage_reference(result.path),
+                                project_dim=None, seed=0, batch_tokens=90, chunk_pairs=4, factors=True)
+    factors = gs.factors()
+    expected = token_factor_sums(lm, data, objective)
+    assert len(factors) == len(gs.layers)
+    for layer, (a, s) in zip(gs.layers, factors):
+        want_a, want_s = expected[layer.name]
+        assert np.abs(want_a.numpy()).max() > 0 and np.abs(want_s.numpy()).max() > 0, layer.name
+        for got, want in ((a, want_a.numpy()), (s, want_s.numpy())):  # float32 products, float64 sums
+            assert got == pytest.approx(want, abs=1e-4 * np.abs(want).max()), layer.name
+
+
 def test_measurement_equals_the_engine(dpo_stage):
     _, _, result = dpo_stage
     lm = loaded(result)
@@ -162,7 +205,7 @@ def test_collection_resumes_part_way(dpo_stage, tmp_path):
     objective = objective_from_summary(result.summary)
     ref = stage_reference(result.path)
     kw = dict(objective=objective, inputs={"t": "resume"}, max_length=40, truncation_mode="keep_start",
-              reference=ref, project_dim=32, seed=0, chunk_pairs=2)
+              reference=ref, project_dim=32, seed=0, chunk_pairs=2, factors=True)
     done: list[int] = []
 
     def stop_after_first(chunk: int) -> None:
@@ -178,6 +221,8 @@ def test_collection_resumes_part_way(dpo_stage, tmp_path):
     whole = collect_pair_gradients(lm, data, run=RunDir(tmp_path / "b"), **kw)
     assert np.asarray(resumed.side("chosen")) == pytest.approx(np.asarray(whole.side("chosen")), abs=1e-6)
     assert resumed.table["loss"].tolist() == pytest.approx(whole.table["loss"].tolist(), abs=1e-6)
+    for (a1, s1), (a2, s2) in zip(resumed.factors(), whole.factors()):  # K-FAC sums: no chunk twice or lost
+        assert a1 == pytest.approx(a2, rel=1e-6, abs=1e-9) and s1 == pytest.approx(s2, rel=1e-6, abs=1e-12)
 
 
 def test_unsupported_method_is_named():

@@ -265,7 +265,8 @@ def attribute_cmd(
                                                 "into (default: --run).")] = None,
     metric: Annotated[Optional[str], typer.Option(help="Probe metric being explained (default: its first).")] = None,
     method: Annotated[Optional[list[str]], typer.Option(
-        help="gradsim, tracin, datainf, ekfac, kfac or all; comma-separated or repeatable "
+        help="gradsim, tracin, datainf, ekfac_onepass (EK-FAC on the collection pass), ekfac or kfac (through "
+             "kronfluence), or all; comma-separated or repeatable "
              "(default: gradsim and datainf).")] = None,
     project_dim: Annotated[Optional[int], typer.Option(help="Randomly project gradients to K dims.")] = None,
     limit: Annotated[Optional[int], typer.Option(help="Probe items (seeded subset) for quick runs.")] = None,

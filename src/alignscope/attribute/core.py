@@ -35,6 +35,7 @@ ATTRIBUTION_STAGE = "attribution"
 METHOD_GROUPS: dict[str, tuple[str, ...]] = {
     "gradsim": ("gradsim_dot", "gradsim_cosine", "margin", "self_influence"),
     "datainf": ("datainf",),
+    "ekfac_onepass": ("ekfac_onepass",),
     "tracin": ("tracin",),
     "ekfac": ("ekfac",),
     "kfac": ("kfac",),
@@ -42,10 +43,10 @@ METHOD_GROUPS: dict[str, tuple[str, ...]] = {
 METHODS = (*METHOD_GROUPS, "all")
 DEFAULT_METHODS = ("gradsim", "datainf")
 #: What ``--method all`` runs: every estimator that needs nothing the stage may lack (checkpoints).
-ALL_METHODS = ("gradsim", "datainf", "ekfac")
+ALL_METHODS = ("gradsim", "datainf", "ekfac_onepass", "ekfac")
 #: Preference order of the default estimator; raw dot is never the default (see estimators.py).
-_DEFAULT_ORDER = {"pairwise": ("tracin", "margin", "gradsim_cosine", "datainf", "ekfac", "kfac"),
-                  "sft": ("tracin", "gradsim_cosine", "margin", "datainf", "ekfac", "kfac")}
+_DEFAULT_ORDER = {"pairwise": ("tracin", "ekfac_onepass", "margin", "gradsim_cosine", "datainf", "ekfac", "kfac"),
+                  "sft": ("tracin", "ekfac_onepass", "gradsim_cosine", "margin", "datainf", "ekfac", "kfac")}
 
 
 def expand_methods(methods: Sequence[str] | str) -> tuple[str, ...]:
@@ -237,8 +238,9 @@ def _compute(run: RunDir, stage: Any, lm: Any, objective: Any, pairs: list[Any],
     reference = stage_reference(stage.path) if objective.needs_reference else None
 
     def gradients_at(model: Any, snapshot: str | None) -> tuple[Any, np.ndarray, np.ndarray]:
+        factors = snapshot is None and "ekfac_onepass" in estimators
         return _gradients(run, stage, model, objective, pairs, requests, weights, config, reference, project_dim,
-                          seed, dtype, batch_tokens, chunk_pairs, timings, snapshot)
+                          seed, dtype, batch_tokens, chunk_pairs, timings, snapshot, factors)
 
     checkpoints: list[tuple[float, Any, np.ndarray]] = []
     snapshot_names: list[str] = []
@@ -270,6 +272,8 @@ def _compute(run: RunDir, stage: Any, lm: Any, objective: Any, pairs: list[Any],
             scores[name] = est.self_influence(gs)
         elif name == "datainf":
             scores[name] = est.datainf(gs, v)
+        elif name == "ekfac_onepass":
+            scores[name] = est.ekfac_onepass(gs, v)
         elif name == "tracin":
             scores[name] = est.tracin(checkpoints)
         elif name in ("ekfac", "kfac"):
@@ -284,9 +288,10 @@ def _compute(run: RunDir, stage: Any, lm: Any, objective: Any, pairs: list[Any],
 
 def _gradients(run: RunDir, stage: Any, lm: Any, objective: Any, pairs: list[Any], requests: list[Any],
                weights: list[float], config: Any, reference: Any, project_dim: int | None, seed: int, dtype: str,
-               batch_tokens: int, chunk_pairs: int, timings: dict[str, float], snapshot: str | None
-               ) -> tuple[Any, np.ndarray, np.ndarray]:
-    """Per-pair gradients (cached) and per-request measurement gradients of one adapter state."""
+               batch_tokens: int, chunk_pairs: int, timings: dict[str, float], snapshot: str | None,
+               factors: bool = False) -> tuple[Any, np.ndarray, np.ndarray]:
+    """Per-pair gradients (cached) and per-request measurement gradients of one adapter state
+    (with ``factors``, the gradient set also keeps the K-FAC sums that ``ekfac_onepass`` needs)."""
     from alignscope.attribute.gradients import GRADIENT_STAGE, LoraGradients, collect_pair_gradients, \
         measurement_gradients
     from alignscope.data.preferences import preferences_fingerprint
@@ -296,12 +301,14 @@ def _gradients(run: RunDir, stage: Any, lm: Any, objective: Any, pairs: list[Any
                    "max_length": config.max_length, "truncation_mode": config.truncation_mode}
     if snapshot is not None:
         grad_inputs["snapshot"] = snapshot
+    if factors:
+        grad_inputs["factors"] = True
     suffix = f"_{snapshot}" if snapshot else ""
     clock = time.perf_counter()
     gs = collect_pair_gradients(lm, pairs, objective, run=run, inputs=grad_inputs, max_length=config.max_length,
                                 truncation_mode=config.truncation_mode, reference=reference,
                                 project_dim=project_dim, seed=seed, batch_tokens=batch_tokens,
-                                chunk_pairs=chunk_pairs)
+                                chunk_pairs=chunk_pairs, factors=factors)
     timings[f"train_gradients{suffix}_s"] = time.perf_counter() - clock
     clock = time.perf_counter()
     logps, mgrad = measurement_gradients(lm, LoraGradients(lm.model, project_dim, seed), requests, weights,

@@ -8,6 +8,7 @@ that higher = worse). One SGD step of size η on pair i changes f by ``−η ∇
     gradsim_cosine = −∇f·∇L_i / (‖∇f‖ ‖∇L_i‖)        (same sign as the dot)
     margin         = +∇f·∇margin_i                   (= gradsim_dot / (per-pair loss weight))
     datainf        = −∇fᵀ H⁻¹ ∇L_i                   (H: per-layer damped Gauss–Newton, DataInf)
+    ekfac_onepass  = −∇fᵀ H⁻¹ ∇L_i                   (H: per-layer EK-FAC, fitted on the one collection pass)
     tracin         = Σ_k η_k · (−∇f_k·∇L_i,k)        (over saved checkpoints k)
     self_influence = ‖∇L_i‖²                         (no direction: large = outlier / hard / duplicate)
 
@@ -31,11 +32,13 @@ import numpy as np
 
 from alignscope.errors import InputError
 
-ESTIMATORS = ("gradsim_dot", "gradsim_cosine", "margin", "datainf", "self_influence", "tracin", "ekfac", "kfac")
+ESTIMATORS = ("gradsim_dot", "gradsim_cosine", "margin", "datainf", "ekfac_onepass", "self_influence", "tracin",
+              "ekfac", "kfac")
 SIGN_CONVENTION = ("positive score = up-weighting this training pair moves the metric in the direction the probe "
                    "calls worse (higher); negative = it moves the metric towards better")
 CHUNK_ROWS = 512
 DATAINF_DAMPING = 0.1
+EKFAC_DAMPING = 0.1  # × the layer's mean eigenvalue: kronfluence's default heuristic
 
 
 class Gradients(Protocol):
@@ -219,6 +222,50 @@ def datainf(train: Gradients, test: np.ndarray, damping: float = DATAINF_DAMPING
     """−∇fᵀ H⁻¹ ∇L_i with DataInf's per-layer inverse (see :func:`datainf_direction`)."""
     direction = datainf_direction(train, test, damping)
     total, parts = _combine(train, side_products(train, direction), "loss", -1.0)
+    return Scores(total, parts)
+
+
+def ekfac_direction(train: Any, test: np.ndarray, damping: float = EKFAC_DAMPING) -> np.ndarray:
+    """H⁻¹∇f per layer with EK-FAC (George et al. 2018; Grosse et al. 2023), one pass over the data.
+
+    Per layer, the eigenbases Q_S, Q_A of the K-FAC sums S = Σ g gᵀ and A = Σ x xᵀ (accumulated by
+    the collection hooks) rotate a gradient matrix G to Q_Sᵀ G Q_A; the eigenvalues are then fitted
+    in that basis on the stored per-pair loss gradients, Λ = mean_i (Q_Sᵀ G_i Q_A)² (the eigenvalue
+    correction), and H⁻¹v = Q_S [(Q_Sᵀ V Q_A) / (Λ + λ)] Q_Aᵀ with λ = ``damping`` × mean(Λ). kronfluence
+    needs a pass for the factors, one for Λ and one for the scores; here the factors ride along with
+    gradient collection and Λ and the scores read the stored gradients.
+    """
+    factors = train.factors() if callable(getattr(train, "factors", None)) else None
+    if factors is None:
+        raise InputError("ekfac_onepass needs K-FAC factors collected with the gradients; attribute with "
+                         "--method ekfac_onepass so the collection keeps them")
+    v = _as_matrix(test)
+    n = _n(train)
+    layers = list(train.layers)
+    bases = [(np.linalg.eigh(s)[1], np.linalg.eigh(a)[1]) for a, s in factors]
+    lam = [np.zeros(layer.proj) for layer in layers]
+    for rows in _chunks(n, _dim(train)):
+        g = loss_rows(train, rows)
+        for k, layer in enumerate(layers):
+            qs, qa = bases[k]
+            rotated = qs.T @ g[:, layer.offset:layer.offset + layer.size].reshape(-1, *layer.proj) @ qa
+            lam[k] += np.square(rotated).sum(axis=0)
+    out = np.zeros_like(v)
+    for k, layer in enumerate(layers):
+        eig = lam[k] / n
+        floor = damping * eig.mean()
+        if floor <= 0:  # a layer with no gradient (e.g. LoRA A while B is still zero) has no influence
+            continue
+        qs, qa = bases[k]
+        part = slice(layer.offset, layer.offset + layer.size)
+        rotated = qs.T @ v[:, part].reshape(-1, *layer.proj) @ qa
+        out[:, part] = (qs @ (rotated / (eig + floor)) @ qa.T).reshape(len(v), -1)
+    return out
+
+
+def ekfac_onepass(train: Any, test: np.ndarray, damping: float = EKFAC_DAMPING) -> Scores:
+    """−∇fᵀ H⁻¹ ∇L_i with the one-pass EK-FAC inverse (see :func:`ekfac_direction`)."""
+    total, parts = _combine(train, side_products(train, ekfac_direction(train, test, damping)), "loss", -1.0)
     return Scores(total, parts)
 
 

@@ -13,10 +13,18 @@ Projection (``project_dim``) is Kronecker-structured per layer, LoGra style: ``P
 outer product, with seeded Gaussian (or Rademacher) matrices scaled by 1/√k so dot products are
 preserved in expectation. Layers stay separate (DataInf's damping is per layer).
 
+K-FAC factors (``factors=True``, for the one-pass EK-FAC estimator): the same hooks also add up,
+per layer, ``A = Σ_t x_t x_tᵀ`` and ``S = Σ_t g_t g_tᵀ`` over the tokens that carry gradient (in the
+projected space when projecting). They come from the backward of the per-side log-probs, i.e. the
+completions' own log-likelihood; the estimator takes only their eigenbases from them and fits the
+eigenvalues on the stored per-pair *loss* gradients (``estimators.ekfac_onepass``). This is what lets
+EK-FAC run on the one pass that collects gradients, where kronfluence makes three.
+
 Storage: ``RUN/.work/gradients/<key>/`` holds ``chosen.npy`` / ``rejected.npy`` (pairs × dims,
 float32, ``numpy.lib.format.open_memmap``) written chunk by chunk; a chunk's coefficient table
 ``coef-<chunk>.parquet`` is written (atomically) only after its rows are flushed, so it doubles as
-the chunk's done-marker and an interrupted collection resumes at the first missing chunk. Chunks
+the chunk's done-marker and an interrupted collection resumes at the first missing chunk (with
+factors, the chunk's sums go to ``factors-<chunk>.npz`` before its marker). Chunks
 are dealt round-robin to ``accelerate`` processes, which write disjoint rows of the same files.
 The finished set is renamed into ``RUN/gradients/<key>/``.
 """
@@ -40,12 +48,13 @@ import torch
 from alignscope.attribute.objective import LogProbModel, Objective, Row, encode_pair
 from alignscope.errors import InputError
 from alignscope.models.hf_backend import token_batches
-from alignscope.store import RunDir, atomic_write_json, atomic_write_parquet
+from alignscope.store import RunDir, atomic_write_bytes, atomic_write_json, atomic_write_parquet
 
 GRADIENT_STAGE = "gradients"
 MAX_ROWS = 64  # rows per backward pass: bounds the per-row activation copies the hooks keep
 LAYERS_FILE = "layers.json"
 TABLE_FILE = "pairs.parquet"
+FACTORS_FILE = "factors.npz"
 
 
 # --------------------------------------------------------------------------- layers and projection
@@ -110,7 +119,7 @@ class LoraGradients:
     """Per-row gradients of all LoRA weights of ``model`` (see the module docstring)."""
 
     def __init__(self, model: Any, project_dim: int | None = None, seed: int = 0,
-                 projection: str = "gaussian") -> None:
+                 projection: str = "gaussian", factors: bool = False) -> None:
         if project_dim is not None and project_dim < 1:
             raise InputError(f"--project-dim {project_dim}: must be a positive number of dimensions")
         if projection not in ("gaussian", "rademacher"):
@@ -132,6 +141,8 @@ class LoraGradients:
             offset += proj[0] * proj[1]
         self.dim = offset
         self._buffers: dict[str, torch.Tensor] = {}
+        self.track_factors = factors
+        self._factors: dict[str, list[torch.Tensor]] = {}
 
     def describe(self) -> list[dict[str, Any]]:
         return [layer.to_dict() for layer in self.layers]
@@ -168,6 +179,30 @@ class LoraGradients:
             g = g @ p_out.to(g.device).T
         grad = torch.einsum("bto,bti->boi", g, x).reshape(x.shape[0], -1)
         self._buffers[name] = self._buffers[name] + grad if name in self._buffers else grad
+        if self.track_factors:
+            self._add_factors(name, x, g)
+
+    def _add_factors(self, name: str, x: torch.Tensor, g: torch.Tensor) -> None:
+        """K-FAC sums over the tokens whose output gradient is non-zero: padding and tokens that
+        influence no scored position add nothing to a gradient, so they add nothing here either."""
+        carries = (g.abs().amax(dim=-1, keepdim=True) > 0).to(x.dtype)
+        xs, gs = (x * carries).reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+        a, s = (xs.T @ xs).double(), (gs.T @ gs).double()  # float32 products, float64 running sums
+        if name in self._factors:
+            self._factors[name][0] += a
+            self._factors[name][1] += s
+        else:
+            self._factors[name] = [a, s]
+
+    def take_factors(self) -> dict[str, np.ndarray]:
+        """The K-FAC sums since the last call (``a<k>``/``s<k>`` for layer k), and reset them."""
+        out: dict[str, np.ndarray] = {}
+        for k, layer in enumerate(self.layers):
+            a, s = self._factors.get(layer.name, (None, None))
+            out[f"a{k}"] = np.zeros((layer.proj[1],) * 2) if a is None else a.cpu().numpy()
+            out[f"s{k}"] = np.zeros((layer.proj[0],) * 2) if s is None else s.cpu().numpy()
+        self._factors = {}
+        return out
 
     def per_row(self, forward: Callable[[Callable[[torch.Tensor], torch.Tensor]], torch.Tensor]
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,6 +249,23 @@ class GradientSet:
     def coef(self, kind: str, side: str) -> np.ndarray:
         """Per-pair ∂(loss|margin)/∂s_side."""
         return self.table[f"{kind}_coef_{side}"].to_numpy(np.float64)
+
+    def factors(self) -> list[tuple[np.ndarray, np.ndarray]] | None:
+        """Per-layer K-FAC sums (A over inputs, S over output gradients), if collected."""
+        path = self.path / FACTORS_FILE
+        if not path.exists():
+            return None
+        with np.load(path) as data:
+            return [(data[f"a{k}"], data[f"s{k}"]) for k in range(len(self.layers))]
+
+
+def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Atomic ``.npz`` (plain arrays only: read back with ``allow_pickle=False``, numpy's default)."""
+    import io
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _reference_columns(objective: Objective, pairs: Sequence[Any], reference: pd.DataFrame | None
@@ -279,11 +331,12 @@ def collect_pair_gradients(lm: Any, pairs: Sequence[Any], objective: Objective, 
                            inputs: dict[str, Any], max_length: int | None, truncation_mode: str,
                            reference: pd.DataFrame | None, project_dim: int | None, seed: int,
                            batch_tokens: int = 4096, chunk_pairs: int = 64,
-                           after_chunk: Callable[[int], None] | None = None) -> GradientSet:
+                           after_chunk: Callable[[int], None] | None = None, factors: bool = False) -> GradientSet:
     """Per-pair side gradients of the stage's objective, cached as ``RUN/gradients/<key>/``.
 
     ``inputs`` identify the result (stage, data, projection, precision); a finished key is
-    returned as is, an unfinished one resumes at its first missing chunk. Under ``accelerate
+    returned as is, an unfinished one resumes at its first missing chunk. ``factors`` also keeps
+    the K-FAC sums (``inputs`` must then say so, as they change the artefact). Under ``accelerate
     launch`` the chunks are shared between processes and rank 0 assembles the artefact.
     """
     from alignscope.models.engine import _distributed_state
@@ -299,7 +352,7 @@ def collect_pair_gradients(lm: Any, pairs: Sequence[Any], objective: Objective, 
     model = lm.model
     model.eval()
     lp = LogProbModel(model, lm.tokenizer.pad_token_id or 0)
-    grads = LoraGradients(model, project_dim, seed)
+    grads = LoraGradients(model, project_dim, seed, factors=factors)
     rows = {side: [] for side in objective.sides}
     for pair in pairs:
         for side, row in zip(objective.sides, encode_pair(lm.tokenizer, pair, objective.sides, max_length,
@@ -317,7 +370,7 @@ def collect_pair_gradients(lm: Any, pairs: Sequence[Any], objective: Objective, 
     fresh = not (work / LAYERS_FILE).exists() or json.loads((work / LAYERS_FILE).read_text()) != meta
     if rank == 0:
         if fresh:
-            for old in work.glob("coef-*.parquet"):
+            for old in [*work.glob("coef-*.parquet"), *work.glob("factors-*.npz")]:
                 old.unlink()
         for side in objective.sides:
             _open_side(work / f"{side}.npy", shape, fresh).flush()
@@ -347,6 +400,8 @@ def collect_pair_gradients(lm: Any, pairs: Sequence[Any], objective: Objective, 
                 arrays[side][members[k]] = grad
         for arr in arrays.values():
             arr.flush()
+        if factors:
+            _save_npz(work / f"factors-{c:05d}.npz", grads.take_factors())
         table = _chunk_coefficients(objective, [pairs[i].id for i in members], s, n,
                                     {side: ref[side][members] for side in objective.sides})
         table.insert(0, "index", members)
@@ -375,12 +430,24 @@ def _finish(run: RunDir, inputs: dict[str, Any], work: Path, objective: Objectiv
         for side in objective.sides:
             os.replace(work / f"{side}.npy", scratch / f"{side}.npy")
         os.replace(work / LAYERS_FILE, scratch / LAYERS_FILE)
+        chunk_factors = [work / f"factors-{c:05d}.npz" for c in range(n_chunks)]
+        if chunk_factors and chunk_factors[0].exists():
+            _save_npz(scratch / FACTORS_FILE, _sum_npz(chunk_factors))
         atomic_write_parquet(scratch / TABLE_FILE, table.drop(columns=["index"]))
         atomic_write_json(scratch / "summary.json", {"n_pairs": len(table), "collect_s": round(seconds, 3),
                                                      "objective": objective.description})
     for leftover in work.iterdir():
         leftover.unlink()
     work.rmdir()
+
+
+def _sum_npz(paths: Sequence[Path]) -> dict[str, np.ndarray]:
+    total: dict[str, np.ndarray] = {}
+    for path in paths:
+        with np.load(path) as data:
+            for name in data.files:
+                total[name] = total[name] + data[name] if name in total else data[name].copy()
+    return total
 
 
 # --------------------------------------------------------------------------- measurement
