@@ -1,4 +1,4 @@
-"""Gradient collection sharded over 2 CPU processes (accelerate, gloo) gives the same scores as 1."""
+"""Gradient collection (with K-FAC sums) sharded over 2 CPU processes (accelerate, gloo) gives the same scores as 1."""
 
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ WORKER = textwrap.dedent("""
     from alignscope.attribute import attribute
 
     run, stage, out = sys.argv[1:4]
-    artefact = attribute(run, stage, "planted_bias", limit=2, methods=["gradsim", "datainf"], out=out,
-                         chunk_pairs=2)
+    artefact = attribute(run, stage, "planted_bias", limit=2, methods=["gradsim", "datainf", "ekfac_onepass"],
+                         out=out, chunk_pairs=2)
     print("ATTRIBUTION", artefact.path, flush=True)
 """)
 
@@ -50,10 +50,12 @@ def test_two_processes_give_the_same_scores_as_one(tiny_model_dir: Path, tmp_pat
     two = pd.read_parquet(scores_file).set_index("pair_id").sort_index()
     assert len(list((tmp_path / "two" / "gradients").iterdir())) == 1  # one artefact, assembled by rank 0
 
-    one = attribute(tmp_path / "run", stage.path, "planted_bias", limit=2, methods=["gradsim", "datainf"],
-                    out=tmp_path / "one", chunk_pairs=2)
+    one = attribute(tmp_path / "run", stage.path, "planted_bias", limit=2,
+                    methods=["gradsim", "datainf", "ekfac_onepass"], out=tmp_path / "one", chunk_pairs=2)
     one_scores = pd.read_parquet(one.file("scores.parquet")).set_index("pair_id").sort_index()
-    for column in ("score_gradsim_dot", "score_margin", "score_datainf", "score_gradsim_cosine"):
+    # ekfac_onepass: each process adds up the K-FAC sums of its own chunks; rank 0 sums the chunk files
+    for column in ("score_gradsim_dot", "score_margin", "score_datainf", "score_gradsim_cosine",
+                   "score_ekfac_onepass"):
         assert two[column].to_numpy() == pytest.approx(one_scores[column].to_numpy(), rel=1e-4, abs=1e-6)
         assert one_scores[column].abs().max() > 0
     assert two["rank"].tolist() == one_scores["rank"].tolist()
