@@ -44,6 +44,25 @@ def test_study_writes_every_step(tiny_run: Path) -> None:
     assert (tiny_run / "report.html").is_file()
 
 
+def test_curated_retrains_keep_the_original_number_of_steps(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """With epochs in the recipe, 4 of 6 pairs would train 2 steps instead of 3; same_steps keeps 3."""
+    from alignscope.align import StageConfig
+    from alignscope.align.stage import train_recipe
+    from alignscope.data.preferences import PreferencePair
+    from alignscope.study.pipeline import _same_steps
+
+    system = {"role": "system", "content": "Be brief."}
+    pairs = [PreferencePair(id=f"s{i}", prompt=(system, {"role": "user", "content": f"Item {i}?"}),
+                            chosen="Sure thing.", rejected=f"No, item {i} is dull.") for i in range(6)]
+    recipe = [StageConfig(method="dpo", num_train_epochs=1, per_device_train_batch_size=2, max_length=40,
+                          dtype="float32", learning_rate=3e-3, save_steps=50)]
+    config = StudyConfig.model_validate({"model": str(tiny_model_dir)})
+    fixed = _same_steps(config, recipe, pairs, tmp_path, train_recipe)
+    assert [s.max_steps for s in fixed] == [3] and recipe[0].max_steps == -1
+    assert train_recipe(str(tiny_model_dir), fixed, pairs[:4], tmp_path)[-1].summary["steps"] == 3
+    assert train_recipe(str(tiny_model_dir), recipe, pairs[:4], tmp_path)[-1].summary["steps"] == 2
+
+
 def test_rerun_is_all_cache_hits(tiny_run: Path, tiny_model_dir: Path) -> None:
     lines: list[str] = []
     run_study(tiny_study(tiny_model_dir), tiny_run, quick=True, say=lines.append)

@@ -93,6 +93,9 @@ class CurationSettings(_Strict):
 
     ks: list[int] | None = Field(None, description="How many pairs to drop (default: the number of planted pairs).")
     random_seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    same_steps: bool = Field(True, description="Retrain each curated model for as many optimizer steps as the "
+                             "original stage ran (so dropping pairs does not also shorten training); false: the "
+                             "recipe's own epochs over the smaller data.")
 
     @field_validator("ks")
     @classmethod
