@@ -35,6 +35,17 @@ def test_failed_build_leaves_nothing_that_looks_finished(tmp_path):
     assert not (tmp_path / "run" / "manifest.json").exists()
 
 
+def test_atomic_writes_follow_the_umask_not_mkstemps_0600(tmp_path):
+    import os
+
+    previous = os.umask(0o022)
+    try:
+        atomic_write_json(tmp_path / "shared.json", {"x": 1})
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "shared.json").stat().st_mode & 0o777 == 0o644
+
+
 def test_atomic_json_and_bad_names(tmp_path):
     atomic_write_json(tmp_path / "a" / "b.json", {"x": 1})
     assert json.loads((tmp_path / "a" / "b.json").read_text()) == {"x": 1}

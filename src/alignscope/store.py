@@ -63,15 +63,33 @@ def file_hash(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def _file_mode() -> int:
+    """What ``open()`` would give a new file under the process umask (mkstemp always gives 0600).
+
+    Linux reports the umask in /proc without changing it; elsewhere it is read by setting and
+    restoring it, which is briefly visible to other threads.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            umask = next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        umask = os.umask(0)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary file in the same directory, fsync, then rename over ``path``.
 
     A reader (or a process killed mid-write) sees either the old file or the new one, never half.
+    The file gets the umask's usual mode, so a run directory shared with a team (or served by a
+    web server) stays readable, like the memory-mapped arrays written beside it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _file_mode())
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
