@@ -116,7 +116,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("bench/results/attribute.json"))
     parser.add_argument("--keep", type=Path, default=None,
-                        help="run directory to keep (stage, gradients, attributions); default: a temporary one")
+                        help="a fresh run directory to keep (stage, gradients, attributions); default: a temporary one")
     args = parser.parse_args()
     result: dict = {"args": vars(args) | {"out": str(args.out)}, "threads": torch.get_num_threads(),
                     "loadavg_start": open("/proc/loadavg").read().split()[0] if Path("/proc/loadavg").exists() else None}
