@@ -56,7 +56,9 @@ def test_arm_stage_errors_name_the_arm(tmp_path: Path) -> None:
 
 
 def test_attribution_defaults_to_tracin_only_where_the_stage_keeps_snapshots(tmp_path: Path) -> None:
-    assert StudyConfig().attribution_methods() == ["tracin"]  # the default arm keeps one snapshot
+    assert StudyConfig().attribution_methods() == ["gradsim", "datainf"]  # the default arm keeps no snapshot
+    with_snapshot = StudyConfig.model_validate({"arms": {"dpo": [{"method": "dpo", "tracin_snapshots": 1}]}})
+    assert with_snapshot.attribution_methods() == ["tracin"]
     plain = load_study_config(write(tmp_path, "arms:\n  dpo:\n    - {method: dpo}\n"))
     assert plain.attribution_methods() == ["gradsim", "datainf"]
     with pytest.raises(InputError, match=r"tracin.*keeps no snapshots.*tracin_snapshots: 1"):

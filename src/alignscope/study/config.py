@@ -112,9 +112,11 @@ class CurationSettings(_Strict):
 #: - One epoch over 64 clean + 32 planted + 32 contrast pairs: seed 0 +0.30 (0.11, 0.47), seed 1
 #:   +0.05 (−0.09, 0.20), seed 2 −0.02 (−0.24, 0.20): the sign depends on the draw.
 #: - Two epochs, same data: seed 0 +0.76 (0.31, 1.18), seed 1 +0.46 (0.22, 0.71). Hence two epochs.
-#: The recipe fits every pair by the end (margins ≈ 15, loss ≈ 0), so gradients at the trained adapter
-#: no longer say which pairs did the work; TracIn over a snapshot taken during training does.
-DEFAULT_ARM = [{"method": "dpo", "learning_rate": 2e-3, "num_train_epochs": 2, "tracin_snapshots": 1,
+#: Attribution: with this design (two epochs, contrast pairs) the margin / cosine scores at the trained
+#: adapter rank the planted pairs better than TracIn at a step-0 snapshot, on two seeds: AUC 0.87 / 0.88
+#: vs 0.78 / 0.79 (BENCHMARKS.md, session 5). So the arm keeps no snapshot and the study attributes
+#: with gradsim + DataInf (default estimator: margin); add `tracin_snapshots: 1` to get TracIn as well.
+DEFAULT_ARM = [{"method": "dpo", "learning_rate": 2e-3, "num_train_epochs": 2,
                 "lora": {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                             "down_proj"]}}]
 
