@@ -115,7 +115,7 @@ class CurationSettings(_Strict):
 #: Attribution: with this design (two epochs, contrast pairs) the margin / cosine scores at the trained
 #: adapter rank the planted pairs better than TracIn at a step-0 snapshot, on two seeds: AUC 0.87 / 0.88
 #: vs 0.78 / 0.79 (BENCHMARKS.md, session 5). So the arm keeps no snapshot and the study attributes
-#: with gradsim + DataInf (default estimator: margin); add `tracin_snapshots: 1` to get TracIn as well.
+#: with gradsim + DataInf (default estimator: margin); `tracin_snapshots: 1` in the arm switches it to TracIn.
 DEFAULT_ARM = [{"method": "dpo", "learning_rate": 2e-3, "num_train_epochs": 2,
                 "lora": {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                             "down_proj"]}}]
