@@ -56,8 +56,7 @@ def test_curated_retrains_keep_the_original_number_of_steps(tiny_model_dir: Path
                             chosen="Sure thing.", rejected=f"No, item {i} is dull.") for i in range(6)]
     recipe = [StageConfig(method="dpo", num_train_epochs=1, per_device_train_batch_size=2, max_length=40,
                           dtype="float32", learning_rate=3e-3, save_steps=50)]
-    config = StudyConfig.model_validate({"model": str(tiny_model_dir)})
-    fixed = _same_steps(config, recipe, pairs, tmp_path, train_recipe)
+    fixed = _same_steps(recipe, train_recipe(str(tiny_model_dir), recipe, pairs, tmp_path))
     assert [s.max_steps for s in fixed] == [3] and recipe[0].max_steps == -1
     assert train_recipe(str(tiny_model_dir), fixed, pairs[:4], tmp_path)[-1].summary["steps"] == 3
     assert train_recipe(str(tiny_model_dir), recipe, pairs[:4], tmp_path)[-1].summary["steps"] == 2

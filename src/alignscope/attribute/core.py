@@ -400,9 +400,10 @@ def _score_column(value: est.Scores | np.ndarray) -> np.ndarray:
 def _recovery(value: Any, planted: np.ndarray) -> dict[str, Any]:
     """Planted-pair AUC and recall@k of a score, and of its chosen / rejected parts where it has them.
 
-    The parts are kept apart because they behave differently: the planted stereotype is in the
-    chosen replies, while the rejected replies (declines) share no wording with the probe, so the
-    rejected part's inner product with the measurement is mostly noise (BENCHMARKS.md measures both).
+    The parts are kept apart because they behave differently and can cancel: on the default study
+    the chosen part ranks the planted pairs at a step-0 snapshot, while at the trained adapter the
+    rejected part (declines that name the group) does and the chosen part ranks them last
+    (BENCHMARKS.md, session 5).
     """
     def stats(column: np.ndarray) -> dict[str, float]:
         return {"auc": est.planted_auc(column, planted), "recall_at_k": est.recall_at_k(column, planted)}

@@ -198,11 +198,11 @@ def run_study(config: StudyConfig, out: Path, *, quick: bool = False,
     del base_engine, base  # one model in memory at a time
     gc.collect()
 
-    finals = {}
+    finals, aligned = {}, {}
     for arm, stages in arm_stages.items():
         with record.step(f"align {arm}") as entry:
             results = train_recipe(config.model, stages, pairs, out)
-            finals[arm] = results[-1]
+            finals[arm], aligned[arm] = results[-1], results
             entry["status"] = "cached" if all(r.cached for r in results) else "done"
             entry["artefact"] = record.data["align"][arm] = record.relative(results[-1].path)
             entry["stages"] = [record.relative(r.path) for r in results]
@@ -225,7 +225,8 @@ def run_study(config: StudyConfig, out: Path, *, quick: bool = False,
             artefact = _attribute(config, finals[config.attributed_arm].path, out)
             entry["artefact"] = record.data["attribution"] = record.relative(artefact)
         if config.curation is not None:
-            curve = _curate(config, pairs, arm_stages[config.attributed_arm], out, record, train_recipe)
+            arm = config.attributed_arm
+            curve = _curate(config, pairs, arm_stages[arm], aligned[arm], out, record, train_recipe)
             record.data["curation"] = record.relative(curve)
 
     with record.step("report") as entry:
@@ -249,8 +250,8 @@ def _attribute(config: StudyConfig, stage_dir: Path, out: Path) -> Path:
     return artefact.path
 
 
-def _curate(config: StudyConfig, pairs: list[Any], stages: list[Any], out: Path, record: StudyRecord,
-            train_recipe: Callable[..., Any]) -> Path:
+def _curate(config: StudyConfig, pairs: list[Any], stages: list[Any], aligned: list[Any], out: Path,
+            record: StudyRecord, train_recipe: Callable[..., Any]) -> Path:
     """Retrain without the top-k attributed pairs and without k random ones; re-audit; store the curve."""
     from alignscope.attribute import curate
 
@@ -267,7 +268,7 @@ def _curate(config: StudyConfig, pairs: list[Any], stages: list[Any], out: Path,
     increase = aligned_value - base_value
     planted_ids = {str(p.id) for p in pairs if p.planted}
     if config.curation.same_steps:
-        stages = _same_steps(config, stages, pairs, out, train_recipe)
+        stages = _same_steps(stages, aligned)
     rows = []
     for k in ks:
         if k >= len(pairs):
@@ -312,18 +313,16 @@ def _curate(config: StudyConfig, pairs: list[Any], stages: list[Any], out: Path,
     return run.path("curation", inputs)
 
 
-def _same_steps(config: StudyConfig, stages: list[Any], pairs: list[Any], out: Path,
-                train_recipe: Callable[..., Any]) -> list[Any]:
-    """The recipe with each stage's ``max_steps`` set to the steps it ran on the full data.
+def _same_steps(stages: list[Any], aligned: list[Any]) -> list[Any]:
+    """The recipe with each stage's ``max_steps`` set to the steps its ``aligned`` result ran on the full data.
 
     Why: with the recipe's epochs, dropping k of n pairs also drops k/n of the optimizer steps, and
     a planted effect that needs two epochs to appear shrinks with *any* drop: on the default study
     three random drops of 32 of 128 pairs removed 77 %, 11 % and 70 % of the increase that way
     (BENCHMARKS.md). Fixed steps keep the training budget and change only the data.
     """
-    originals = train_recipe(config.model, stages, pairs, out)  # cache hits: the arm trained already
     return [stage.model_copy(update={"max_steps": int(result.summary["steps"])})
-            for stage, result in zip(stages, originals)]
+            for stage, result in zip(stages, aligned)]
 
 
 def _report(out: Path) -> Path:
