@@ -23,12 +23,15 @@ CONFIG = ("method: dpo\nper_device_train_batch_size: 2\nmax_length: 40\ndtype: f
           "learning_rate: 1.0e-3\nprecompute_ref_batch_size: 2\n")
 
 WORKER = textwrap.dedent("""
+    import os
     import sys
+    from pathlib import Path
     from alignscope.align import align_command
 
-    model, data, out, config = sys.argv[1:5]
+    model, data, out, config, answers = sys.argv[1:6]
     path = align_command(model, None, data, out, config=config, max_steps=2)
-    print("STAGE", path, flush=True)
+    # One file per rank: both ranks printing to the launcher's stdout can interleave mid-line.
+    Path(answers, f"rank-{os.environ['RANK']}.txt").write_text(str(path))
 """)
 
 
@@ -41,18 +44,20 @@ def test_dpo_stage_under_accelerate_with_two_cpu_processes(tiny_model_dir: Path,
     config.write_text(CONFIG)
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
+    answers = tmp_path / "answers"
+    answers.mkdir()
 
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", free_port(), str(script), str(tiny_model_dir), str(data), str(tmp_path / "run2"),
-           str(config)]
+           str(config), str(answers)]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, stdin=subprocess.DEVNULL)
     assert done.returncode == 0, done.stderr[-4000:]
-    stages = {line.split(" ", 1)[1] for line in done.stdout.splitlines() if line.startswith("STAGE ")}
-    assert len(stages) == 1, f"stdout: {done.stdout[-2000:]!r}\nstderr: {done.stderr[-2000:]!r}"
-    [stage_dir] = stages
-    stage_dir = Path(stage_dir)
+    returned = {f.name: f.read_text() for f in answers.iterdir()}
+    assert sorted(returned) == ["rank-0.txt", "rank-1.txt"], f"stderr: {done.stderr[-2000:]!r}"
+    assert len(set(returned.values())) == 1  # every rank gets the path of the one stage rank 0 wrote
+    stage_dir = Path(returned["rank-0.txt"])
     summary = json.loads((stage_dir / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["steps"] == 2 and math.isfinite(summary["final_loss"])
     assert (stage_dir / "adapter" / "adapter_model.safetensors").exists()
