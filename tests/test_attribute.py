@@ -300,6 +300,22 @@ def test_curate_drops_the_top_and_a_random_control(trained, tmp_path):
         curate(pairs, artefact, drop_top=len(pairs))
 
 
+def test_predicted_share_removed_follows_the_additive_model():
+    from alignscope.attribute.validation import predicted_fraction_removed
+
+    scores = pd.Series([6.0, 3.0, 1.0, 0.0], index=["a", "b", "c", "d"])  # Σ = 10
+    assert predicted_fraction_removed(scores, ["a"], increase=2.0, same_steps=False) == pytest.approx(0.6)
+    # same steps: the 3 kept pairs are each seen 4/3 as often, so they keep 4/3 × 0.4 of the increase
+    assert predicted_fraction_removed(scores, ["a"], increase=2.0, same_steps=True) == pytest.approx(1 - 4 / 3 * 0.4)
+    # dropping a pair with no effect removes nothing without same steps, and gives the rest more weight with them
+    assert predicted_fraction_removed(scores, ["d"], increase=2.0, same_steps=False) == pytest.approx(0.0)
+    assert predicted_fraction_removed(scores, ["d"], increase=2.0, same_steps=True) == pytest.approx(-1 / 3)
+    # scores that sum against the measured change (or to zero) predict nothing
+    assert predicted_fraction_removed(scores, ["a"], increase=-2.0, same_steps=False) is None
+    assert predicted_fraction_removed(scores * 0, ["a"], increase=2.0, same_steps=False) is None
+    assert predicted_fraction_removed(-scores, ["a"], increase=-2.0, same_steps=False) == pytest.approx(0.6)
+
+
 @pytest.mark.parametrize("trained", ["dpo"], indirect=True)  # one objective is enough for the CLI
 def test_cli_attribute_and_curate(trained, tmp_path, capsys):
     from alignscope.cli import main

@@ -82,6 +82,14 @@ def test_report_has_every_section_and_plot(built):
     assert "plot-privacy-leakage" not in ids  # never an empty plot
 
 
+def test_curation_shows_the_predicted_share_beside_the_retrained_one(built):
+    _, doc = built
+    [curve] = [p for p in section(doc, "curation")["parts"] if p.get("caption") == "Curation curve"]
+    columns = curve["columns"]
+    removed, predicted = columns.index("fraction_of_increase_removed"), columns.index("predicted_fraction_removed")
+    assert predicted == removed + 1 and all(row[predicted] is not None for row in curve["rows"])
+
+
 def test_page_is_self_contained(built):
     paths, _ = built
     page = parse(paths.html)

@@ -172,7 +172,9 @@ def _curation_curve() -> pd.DataFrame:
             rows.append({"k": k, "arm": arm, "random_seed": seed, "label": label, "probe": "planted_bias",
                          "metric": "group_gap", "value": 0.4 + change, "change": change,
                          "change_ci_low": change - 0.05, "change_ci_high": change + 0.05, "change_p": 0.03,
-                         "fraction_of_increase_removed": -change / 0.55, "planted_dropped": k if arm == "attributed" else 0,
+                         "fraction_of_increase_removed": -change / 0.55,
+                         "predicted_fraction_removed": -0.9 * change / 0.55,
+                         "planted_dropped": k if arm == "attributed" else 0,
                          "stage": "align/0123456789abcdef"})
     return pd.DataFrame(rows)
 

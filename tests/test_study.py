@@ -41,6 +41,9 @@ def test_study_writes_every_step(tiny_run: Path) -> None:
     assert "group_gap" in set(comparison["metric"])
     curve = pd.read_parquet(tiny_run / record["curation"] / "curve.parquet")
     assert set(curve["arm"]) == {"attributed", "random"} and curve["value"].notna().all()
+    summary = json.loads((tiny_run / record["curation"] / "summary.json").read_text())
+    attribution = json.loads((tiny_run / record["attribution"] / "summary.json").read_text())
+    assert summary["predicted_by"] == attribution["default_estimator"] and "predicted_fraction_removed" in curve
     assert (tiny_run / "report.html").is_file()
 
 
@@ -127,3 +130,20 @@ def test_quick_study_report_in_chromium(quick_run, tmp_path: Path) -> None:
         page.screenshot(path=str(tmp_path / "quick-report.png"), full_page=True)
         browser.close()
     assert problems == []
+
+
+def test_random_control_summarises_the_draws_and_flags_a_single_one() -> None:
+    from alignscope.study.pipeline import ONE_DRAW_WARNING, _random_control
+
+    def row(k: int, arm: str, share: float | None) -> dict:
+        return {"k": k, "arm": arm, "fraction_of_increase_removed": share}
+
+    rows = [row(8, "attributed", 0.9), row(8, "random", 0.3), row(8, "random", -0.1), row(8, "random", 0.1),
+            row(4, "attributed", 0.5), row(4, "random", 0.4), row(2, "random", None)]
+    summary = _random_control(rows)
+    assert list(summary) == ["k8", "k4"]  # k=2 had no increase to remove a share of: no entry, not a zero
+    assert summary["k8"]["draws"] == 3 and summary["k8"]["mean_fraction_removed"] == pytest.approx(0.1)
+    assert (summary["k8"]["min_fraction_removed"], summary["k8"]["max_fraction_removed"]) == (-0.1, 0.3)
+    assert "warning" not in summary["k8"]
+    assert summary["k4"] == {"draws": 1, "mean_fraction_removed": 0.4, "min_fraction_removed": 0.4,
+                             "max_fraction_removed": 0.4, "warning": ONE_DRAW_WARNING}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gc
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -106,3 +107,28 @@ def _spearman(x: np.ndarray, y: np.ndarray) -> float | None:
     if np.ptp(x) == 0 or np.ptp(y) == 0:
         return None
     return float(spearmanr(x, y).statistic)
+
+
+def predicted_fraction_removed(scores: pd.Series, dropped: Iterable[str], *, increase: float,
+                               same_steps: bool) -> float | None:
+    """The share of the aligned increase that dropping ``dropped`` should remove, if effects add up.
+
+    This is the linear datamodel that LDS tests, calibrated to the one number we measured: the
+    aligned increase is split over the training pairs in proportion to their ``scores`` (index =
+    pair id), so a curated model trained on the kept pairs K keeps ``Σ_K s / Σ s`` of it. With
+    ``same_steps`` the curated model sees each kept pair ``n / |K|`` times as often as the original
+    stage did, which scales what it keeps by that factor. Comparing this prediction with the
+    retrained share is the counterfactual check of the scores' *sizes*, not just their order.
+
+    Returns None when ``Σ s`` is zero or has the opposite sign from ``increase``: the scores then do
+    not account for the measured change, and a ratio would only look like a prediction.
+    """
+    total = float(scores.sum())
+    if total == 0.0 or increase == 0.0 or (total > 0) != (increase > 0):
+        return None
+    drop = {str(i) for i in dropped}
+    kept = scores[[str(i) not in drop for i in scores.index]]
+    kept_share = float(kept.sum()) / total
+    if same_steps:
+        kept_share *= len(scores) / len(kept)
+    return 1.0 - kept_share

@@ -224,13 +224,15 @@ def curation(sources: RunSources) -> Section:
     data = {"metrics": [str(m) for m in dict.fromkeys(curve["metric"])], "series": _curation_series(curve)}
     section = Section("curation", title, intro=(
         "Counterfactual re-alignment: if the attributed pairs caused the change, dropping them should undo "
-        "much more of it than dropping as many random pairs."))
+        "much more of it than dropping as many random pairs. predicted_fraction_removed is what the scores "
+        "predict if pair effects add up; where it matches the retrained share, the scores' sizes are right, "
+        "not only their order."))
     section.parts.append(Plot("plot-curation-curve", "Metric change (re-aligned without the dropped pairs minus "
                               "aligned on all pairs) against the number of pairs dropped.", [source], data,
                               plots.curation("plot-curation-curve", data)))
     section.parts.append(frame_table("Curation curve", curve.sort_values(["metric", "arm", "k"], kind="stable"), [
         "metric", "arm", "k", "random_seed", "value", "change", "change_ci_low", "change_ci_high", ("change_p", "p"),
-        "fraction_of_increase_removed", "planted_dropped", "label"], [source]))
+        "fraction_of_increase_removed", "predicted_fraction_removed", "planted_dropped", "label"], [source]))
     try:
         section.parts.append(kv_table("Curation summary", sources.json(f"{rel}/summary.json"), [f"{rel}/summary.json"]))
     except MissingArtefact:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import json
+import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -254,12 +255,14 @@ def _curate(config: StudyConfig, pairs: list[Any], stages: list[Any], aligned: l
             record: StudyRecord, train_recipe: Callable[..., Any]) -> Path:
     """Retrain without the top-k attributed pairs and without k random ones; re-audit; store the curve."""
     from alignscope.attribute import curate
+    from alignscope.attribute.validation import predicted_fraction_removed
 
     assert config.attribution is not None and config.curation is not None
     run = RunDir(out)
     probe = config.attribution.probe
     metric = config.attribution.metric or available_probes()[probe].metrics[0].name
     scores = out / record.data["attribution"] / "scores.parquet"
+    estimator, score_column = _default_scores(scores.parent)
     n_planted = int(sum(p.planted for p in pairs))
     ks = config.curation.ks or [max(n_planted, 1)]
     arm = config.attributed_arm
@@ -295,6 +298,8 @@ def _curate(config: StudyConfig, pairs: list[Any], stages: list[Any], aligned: l
                              "change_ci_low": float(row["ci_low"]), "change_ci_high": float(row["ci_high"]),
                              "change_p": float(row["p_value"]),
                              "fraction_of_increase_removed": (aligned_value - value) / increase if increase else None,
+                             "predicted_fraction_removed": None if score_column is None else predicted_fraction_removed(
+                                 score_column, dropped, increase=increase, same_steps=config.curation.same_steps),
                              "planted_dropped": len(planted_ids & set(dropped)), "stage": record.relative(result.path)})
                 entry["artefact"] = f"audits/{label}"
     curve = pd.DataFrame(rows)
@@ -309,8 +314,50 @@ def _curate(config: StudyConfig, pairs: list[Any], stages: list[Any], aligned: l
                           + (", for as many optimizer steps as the original stage ran" if config.curation.same_steps
                              else ", for the recipe's epochs over the smaller data"),
             "same_steps": config.curation.same_steps,
+            "predicted_by": estimator,
+            "prediction": PREDICTION_DEFINITION,
+            "random_control": _random_control(rows),
             "rows": rows})
     return run.path("curation", inputs)
+
+
+def _default_scores(attribution: Path) -> tuple[str | None, pd.Series | None]:
+    """The attribution's default estimator and its per-pair scores (index = pair id), if it stored them."""
+    estimator = json.loads((attribution / "summary.json").read_text()).get("default_estimator")
+    scores = pd.read_parquet(attribution / "scores.parquet").set_index("pair_id")
+    column = f"score_{estimator}"
+    return (estimator, scores[column].astype(float)) if estimator and column in scores else (None, None)
+
+
+PREDICTION_DEFINITION = ("predicted_fraction_removed = the share an additive model predicts: the aligned increase "
+                         "split over the training pairs in proportion to the default estimator's scores "
+                         "(predicted_by); with same_steps the kept pairs' share is scaled by n / n_kept, as each is "
+                         "seen that much more often")
+
+#: The spread one random drop showed on the default study: read a single draw with it in mind.
+ONE_DRAW_WARNING = ("one random draw: on the default study, draws of the same size removed between -15 % and 41 % "
+                    "of the increase, so add curation.random_seeds before reading the control")
+
+
+def _random_control(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per k, the random arm summarised over its draws: what the attributed drop is compared against.
+
+    Why: one random retrain is a noisy control (retraining on a different data order moves the
+    metric by itself), so the summary gives the mean and range over draws, and says so when there
+    is only one.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for k in dict.fromkeys(row["k"] for row in rows):
+        shares = [row["fraction_of_increase_removed"] for row in rows
+                  if row["k"] == k and row["arm"] == "random" and row["fraction_of_increase_removed"] is not None]
+        if not shares:
+            continue
+        entry: dict[str, Any] = {"draws": len(shares), "mean_fraction_removed": statistics.fmean(shares),
+                                 "min_fraction_removed": min(shares), "max_fraction_removed": max(shares)}
+        if len(shares) == 1:
+            entry["warning"] = ONE_DRAW_WARNING
+        out[f"k{k}"] = entry
+    return out
 
 
 def _same_steps(stages: list[Any], aligned: list[Any]) -> list[Any]:
