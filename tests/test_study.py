@@ -136,7 +136,8 @@ def test_random_control_summarises_the_draws_and_flags_a_single_one() -> None:
     from alignscope.study.pipeline import ONE_DRAW_WARNING, _random_control
 
     def row(k: int, arm: str, share: float | None) -> dict:
-        return {"k": k, "arm": arm, "fraction_of_increase_removed": share}
+        return {"k": k, "arm": arm, "fraction_of_increase_removed": share,
+                "predicted_fraction_removed": None if share is None or k == 4 else share / 2}
 
     rows = [row(8, "attributed", 0.9), row(8, "random", 0.3), row(8, "random", -0.1), row(8, "random", 0.1),
             row(4, "attributed", 0.5), row(4, "random", 0.4), row(2, "random", None)]
@@ -144,6 +145,6 @@ def test_random_control_summarises_the_draws_and_flags_a_single_one() -> None:
     assert list(summary) == ["k8", "k4"]  # k=2 had no increase to remove a share of: no entry, not a zero
     assert summary["k8"]["draws"] == 3 and summary["k8"]["mean_fraction_removed"] == pytest.approx(0.1)
     assert (summary["k8"]["min_fraction_removed"], summary["k8"]["max_fraction_removed"]) == (-0.1, 0.3)
-    assert "warning" not in summary["k8"]
+    assert "warning" not in summary["k8"] and summary["k8"]["mean_predicted_fraction_removed"] == pytest.approx(0.05)
     assert summary["k4"] == {"draws": 1, "mean_fraction_removed": 0.4, "min_fraction_removed": 0.4,
                              "max_fraction_removed": 0.4, "warning": ONE_DRAW_WARNING}

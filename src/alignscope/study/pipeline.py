@@ -354,6 +354,9 @@ def _random_control(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             continue
         entry: dict[str, Any] = {"draws": len(shares), "mean_fraction_removed": statistics.fmean(shares),
                                  "min_fraction_removed": min(shares), "max_fraction_removed": max(shares)}
+        predicted = [row.get("predicted_fraction_removed") for row in rows if row["k"] == k and row["arm"] == "random"]
+        if predicted and None not in predicted:
+            entry["mean_predicted_fraction_removed"] = statistics.fmean(predicted)
         if len(shares) == 1:
             entry["warning"] = ONE_DRAW_WARNING
         out[f"k{k}"] = entry
