@@ -338,6 +338,9 @@ def test_cli_attribute_and_curate(trained, tmp_path, capsys):
     out = tmp_path / "kept.jsonl"
     assert cli(["curate", "--run", str(run), "--attribution", key, "--drop-top", "2", "--out", str(out)]) == 0
     assert len(load_preferences(out)) == len(planted_pairs()) - 2
+    scores = pd.read_parquet(RunDir(run).latest("attribution").path / "scores.parquet").sort_values("rank")
+    share = scores["score_margin"].head(2).sum() / scores["score_margin"].sum()
+    assert f"removes {share:.0%} of the change the margin scores explain" in capsys.readouterr().out
     assert cli(["curate", "--run", str(run), "--attribution", key, "--drop-top", "2", "--random", "--out",
                 str(tmp_path / "random.jsonl")]) == 0
     assert len(load_preferences(tmp_path / "random.jsonl")) == len(planted_pairs()) - 2

@@ -317,6 +317,7 @@ def curate_cmd(
     """Write the training pairs without the top-k attributed ones (or, with --random, k random ones)."""
     from alignscope.attribute import curate
     from alignscope.attribute.core import attribution_pairs
+    from alignscope.attribute.validation import default_scores, predicted_fraction_removed
     from alignscope.data.preferences import write_preferences
 
     path, pairs = attribution_pairs(run, attribution)
@@ -326,6 +327,15 @@ def curate_cmd(
     write_preferences(kept, out)
     typer.echo(f"kept {len(kept)} of {len(pairs)} pairs ({'random' if random else 'top-attributed'} "
                f"{drop_top} dropped) -> {out}")
+    estimator, scores = default_scores(path)
+    dropped = done.control_dropped if random else done.dropped
+    if scores is not None and dropped is not None:
+        total = float(scores.sum())  # the change the scores explain, in their own units
+        shares = [predicted_fraction_removed(scores, dropped, increase=total, same_steps=same)
+                  for same in (False, True)]
+        if None not in shares:
+            typer.echo(f"if pair effects add up, retraining without them removes {shares[0]:.0%} of the change the "
+                       f"{estimator} scores explain ({shares[1]:.0%} for the same number of optimizer steps)")
 
 
 @contextlib.contextmanager

@@ -109,6 +109,14 @@ def _spearman(x: np.ndarray, y: np.ndarray) -> float | None:
     return float(spearmanr(x, y).statistic)
 
 
+def default_scores(attribution: Path) -> tuple[str | None, pd.Series | None]:
+    """An attribution's default estimator and its per-pair scores (index = pair id), if it stored them."""
+    estimator = json.loads((attribution / "summary.json").read_text()).get("default_estimator")
+    scores = pd.read_parquet(attribution / "scores.parquet").set_index("pair_id")
+    column = f"score_{estimator}"
+    return (estimator, scores[column].astype(float)) if estimator and column in scores else (None, None)
+
+
 def predicted_fraction_removed(scores: pd.Series, dropped: Iterable[str], *, increase: float,
                                same_steps: bool) -> float | None:
     """The share of the aligned increase that dropping ``dropped`` should remove, if effects add up.

@@ -255,14 +255,14 @@ def _curate(config: StudyConfig, pairs: list[Any], stages: list[Any], aligned: l
             record: StudyRecord, train_recipe: Callable[..., Any]) -> Path:
     """Retrain without the top-k attributed pairs and without k random ones; re-audit; store the curve."""
     from alignscope.attribute import curate
-    from alignscope.attribute.validation import predicted_fraction_removed
+    from alignscope.attribute.validation import default_scores, predicted_fraction_removed
 
     assert config.attribution is not None and config.curation is not None
     run = RunDir(out)
     probe = config.attribution.probe
     metric = config.attribution.metric or available_probes()[probe].metrics[0].name
     scores = out / record.data["attribution"] / "scores.parquet"
-    estimator, score_column = _default_scores(scores.parent)
+    estimator, score_column = default_scores(scores.parent)
     n_planted = int(sum(p.planted for p in pairs))
     ks = config.curation.ks or [max(n_planted, 1)]
     arm = config.attributed_arm
@@ -319,14 +319,6 @@ def _curate(config: StudyConfig, pairs: list[Any], stages: list[Any], aligned: l
             "random_control": _random_control(rows),
             "rows": rows})
     return run.path("curation", inputs)
-
-
-def _default_scores(attribution: Path) -> tuple[str | None, pd.Series | None]:
-    """The attribution's default estimator and its per-pair scores (index = pair id), if it stored them."""
-    estimator = json.loads((attribution / "summary.json").read_text()).get("default_estimator")
-    scores = pd.read_parquet(attribution / "scores.parquet").set_index("pair_id")
-    column = f"score_{estimator}"
-    return (estimator, scores[column].astype(float)) if estimator and column in scores else (None, None)
 
 
 PREDICTION_DEFINITION = ("predicted_fraction_removed = the share an additive model predicts: the aligned increase "
