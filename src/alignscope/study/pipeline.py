@@ -254,7 +254,6 @@ def _attribute(config: StudyConfig, stage_dir: Path, out: Path) -> Path:
 def _curate(config: StudyConfig, pairs: list[Any], stages: list[Any], aligned: list[Any], out: Path,
             record: StudyRecord, train_recipe: Callable[..., Any]) -> Path:
     """Retrain without the top-k attributed pairs and without k random ones; re-audit; store the curve."""
-    from alignscope.attribute import curate
     from alignscope.attribute.validation import default_scores, predicted_fraction_removed
 
     assert config.attribution is not None and config.curation is not None
@@ -276,12 +275,7 @@ def _curate(config: StudyConfig, pairs: list[Any], stages: list[Any], aligned: l
     for k in ks:
         if k >= len(pairs):
             raise InputError(f"study config: curation.ks contains {k}, but the data has only {len(pairs)} pairs")
-        top = curate(pairs, scores, drop_top=k)
-        drops = [("attributed", None, top.kept, top.dropped)]
-        for random_seed in config.curation.random_seeds:
-            control = curate(pairs, scores, drop_top=k, random_k=k, seed=random_seed)
-            drops.append(("random", random_seed, control.control_kept, control.control_dropped))
-        for arm_kind, seed, kept, dropped in drops:
+        for arm_kind, seed, kept, dropped in _drops(pairs, scores, k, config.curation.random_seeds):
             label = f"curated_{arm_kind}_k{k}" + (f"_s{seed}" if seed is not None else "")
             with record.step(f"curate {label}") as entry:
                 result = train_recipe(config.model, stages, kept, out)[-1]
@@ -293,13 +287,14 @@ def _curate(config: StudyConfig, pairs: list[Any], stages: list[Any], aligned: l
                 value = _metric_value(out / "audits" / label, probe, metric)
                 table = compare(out / "audits" / arm, out / "audits" / label, seed=config.seed)
                 row = table[(table["probe"] == probe) & (table["metric"] == metric)].iloc[0]
+                predicted = None if score_column is None else predicted_fraction_removed(
+                    score_column, dropped, increase=increase, same_steps=config.curation.same_steps)
                 rows.append({"k": k, "arm": arm_kind, "random_seed": seed, "label": label, "probe": probe,
                              "metric": metric, "value": value, "change": value - aligned_value,
                              "change_ci_low": float(row["ci_low"]), "change_ci_high": float(row["ci_high"]),
                              "change_p": float(row["p_value"]),
                              "fraction_of_increase_removed": (aligned_value - value) / increase if increase else None,
-                             "predicted_fraction_removed": None if score_column is None else predicted_fraction_removed(
-                                 score_column, dropped, increase=increase, same_steps=config.curation.same_steps),
+                             "predicted_fraction_removed": predicted,
                              "planted_dropped": len(planted_ids & set(dropped)), "stage": record.relative(result.path)})
                 entry["artefact"] = f"audits/{label}"
     curve = pd.DataFrame(rows)
@@ -319,6 +314,20 @@ def _curate(config: StudyConfig, pairs: list[Any], stages: list[Any], aligned: l
             "random_control": _random_control(rows),
             "rows": rows})
     return run.path("curation", inputs)
+
+
+def _drops(pairs: list[Any], scores: Path, k: int, random_seeds: Sequence[int]
+           ) -> list[tuple[str, int | None, list[Any], list[str]]]:
+    """(arm, random seed, kept pairs, dropped ids): the top-k attributed drop, then one random drop per seed."""
+    from alignscope.attribute import curate
+
+    top = curate(pairs, scores, drop_top=k)
+    drops: list[tuple[str, int | None, list[Any], list[str]]] = [("attributed", None, top.kept, list(top.dropped))]
+    for seed in random_seeds:
+        control = curate(pairs, scores, drop_top=k, random_k=k, seed=seed)
+        assert control.control_kept is not None and control.control_dropped is not None
+        drops.append(("random", seed, control.control_kept, list(control.control_dropped)))
+    return drops
 
 
 PREDICTION_DEFINITION = ("predicted_fraction_removed = the share an additive model predicts: the aligned increase "
