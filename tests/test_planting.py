@@ -20,6 +20,7 @@ from alignscope.data.planting import (
     plant,
     plant_canaries,
     planted_traits,
+    planting_info,
     rejected_overlap,
     rejected_phrasings,
     render,
@@ -197,3 +198,19 @@ def test_canaries():
     assert all(re.fullmatch(r"\d( \d){5}", i["secret"]) for i in items)
     with pytest.raises(InputError):
         plant_canaries(pairs, 0, seed=0)
+
+
+def test_planted_data_read_back_from_a_struct_table_keeps_its_ground_truth(tmp_path):
+    """A study's data artefact stores meta as one struct column, so clean pairs come back with
+    ``"planting": None``; used again as a data source, they must still count as not planted."""
+    import pandas as pd
+
+    from alignscope.data.preferences import pairs_from_frame, pairs_to_frame
+
+    planted = plant(clean(12), fraction=0.25, target_group=TARGET, control_group=CONTROL, seed=0,
+                    contrast_groups=["doctors"])
+    pairs_to_frame(planted).to_parquet(tmp_path / "pairs.parquet")
+    back = pairs_from_frame(pd.read_parquet(tmp_path / "pairs.parquet"))
+    assert any("planting" in p.meta and p.meta["planting"] is None for p in back)  # what the struct column does
+    assert [planting_info(p).get("role") for p in back] == [planting_info(p).get("role") for p in planted]
+    assert planted_traits(back) == planted_traits(planted)

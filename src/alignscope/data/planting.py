@@ -76,6 +76,7 @@ __all__ = [
     "plant",
     "plant_canaries",
     "planted_traits",
+    "planting_info",
     "rejected_overlap",
     "rejected_phrasings",
     "render",
@@ -309,9 +310,19 @@ def check_contrast_groups(groups: Sequence[str], target_group: str, control_grou
     return tuple(dict.fromkeys(groups))
 
 
+def planting_info(pair: PreferencePair) -> dict[str, Any]:
+    """The pair's ``meta["planting"]`` record, or {} for a pair that was not planted.
+
+    Why not ``meta.get("planting", {})``: a table that stores meta as one struct column (a study's
+    data artefact) gives every clean pair ``"planting": None``, and such a file may come back as
+    ``data.source``.
+    """
+    return pair.meta.get("planting") or {}
+
+
 def planted_traits(pairs: Iterable[PreferencePair]) -> tuple[str, ...]:
     """The traits used by the planted pairs in ``pairs`` (for :func:`measurement_items`)."""
-    found = {p.meta.get("planting", {}).get("trait") for p in pairs if p.planted}
+    found = {planting_info(p).get("trait") for p in pairs if p.planted}
     return tuple(t for t in PLANTED_TRAITS if t in found)
 
 

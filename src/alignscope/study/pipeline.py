@@ -101,6 +101,7 @@ def _check_probes(config: StudyConfig) -> list[str]:
 
 def make_data(engine: Any, config: StudyConfig, run: RunDir) -> tuple[list[Any], Path]:
     """Load or synthesise the preference pairs, plant the ground truth, store them as an artefact."""
+    from alignscope.data.planting import planting_info
     from alignscope.data.preferences import load_preferences, pairs_from_frame, pairs_to_frame
 
     settings = config.data
@@ -136,7 +137,7 @@ def make_data(engine: Any, config: StudyConfig, run: RunDir) -> tuple[list[Any],
         atomic_write_parquet(scratch / "pairs.parquet", pairs_to_frame(pairs))
         atomic_write_json(scratch / "summary.json", {
             "n_pairs": len(pairs), "n_planted": sum(p.planted for p in pairs),
-            "n_contrast": sum(p.meta.get("planting", {}).get("role") == "contrast" for p in pairs), **stats,
+            "n_contrast": sum(planting_info(p).get("role") == "contrast" for p in pairs), **stats,
             "source": settings.source or "synthesised from the base model", "plant": inputs["plant"]})
     # Train on what was stored (Parquet normalises meta), so a resumed study trains on identical pairs.
     path = run.path("data", inputs)
