@@ -206,6 +206,11 @@ def test_sign_convention_and_planted_recovery(trained):
     parts = scores[f"chosen_{default}"] + scores[f"rejected_{default}"]
     assert parts.to_numpy() == pytest.approx(scores[f"score_{default}"].to_numpy(), rel=1e-6, abs=1e-9)
     assert "worse" in summary["sign_convention"] and summary["measurement"]["n_requests"] == 2
+    ranked = json.loads(artefact.file("ranked.json").read_text())  # the same rows as JSON, best first
+    assert ranked["default_estimator"] == default and ranked["sign_convention"] == summary["sign_convention"]
+    assert [r["pair_id"] for r in ranked["pairs"]] == scores.sort_values("rank").index.tolist()
+    assert ranked["pairs"][0][f"score_{default}"] == pytest.approx(scores[f"score_{default}"].max())
+    assert {"prompt", "chosen", "rejected", "planted", "group"} <= set(ranked["pairs"][0])
     assert set(summary["timings"]) >= {"load_s", "train_gradients_s", "measurement_gradients_s", "scoring_s"}
 
 

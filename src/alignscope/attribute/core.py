@@ -8,6 +8,8 @@ collected once (``gradients.py``, cached in ``RUN/gradients/<key>/``) and every 
 
     scores.parquet   one row per pair: pair_id, prompt, chosen, rejected, planted, group,
                      score_<estimator> for each, chosen_<default>/rejected_<default>, loss, margin, rank
+    ranked.json      the same rows, best-ranked first, with the default estimator and the sign
+                     convention (for readers without Parquet)
     summary.json     estimators, default estimator, sign convention, measurement, timings per phase,
                      and with planted labels: planted-pair AUC and recall@k per estimator
     measurement.parquet / measurement.npy   the measurement's requests, log-probs and gradients (the
@@ -204,6 +206,9 @@ def _write(target: RunDir, inputs: dict[str, Any], result: _Result, stage: Any, 
     summary["items"] = n_items
     with target.build(ATTRIBUTION_STAGE, inputs) as scratch:
         atomic_write_parquet(scratch / "scores.parquet", frame)
+        atomic_write_json(scratch / "ranked.json", {
+            "default_estimator": summary["default_estimator"], "sign_convention": summary["sign_convention"],
+            "pairs": frame.sort_values("rank", kind="stable").to_dict(orient="records")})
         atomic_write_json(scratch / "summary.json", summary)
         atomic_write_parquet(scratch / "measurement.parquet", pd.DataFrame({
             "context": [r.context for r in requests], "continuation": [r.continuation for r in requests],
