@@ -16,6 +16,7 @@ from alignscope.align import StageConfig, train_stage
 from alignscope.attribute import attribute, curate, expand_methods
 from alignscope.attribute import estimators as est
 from alignscope.audit.base import Metric, Probe, ProbeResult
+from alignscope.audit.runner import available_probes
 from alignscope.data.preferences import PreferencePair
 from alignscope.errors import InputError
 from alignscope.models.requests import ScoreRequest
@@ -267,6 +268,27 @@ def test_tracin_without_snapshots_and_probe_without_measurement_are_clear(traine
         attribute(run, result.path, "refusal", methods=["gradsim"])
     with pytest.raises(InputError, match="no finished stage"):
         attribute(run, "nope", EchoProbe())
+
+
+ATTRIBUTABLE = sorted(name for name, cls in available_probes().items() if callable(getattr(cls, "measurement", None)))
+
+
+@pytest.mark.parametrize("probe", ATTRIBUTABLE)
+@pytest.mark.parametrize("trained", ["dpo"], indirect=True)
+def test_every_probe_with_a_measurement_attributes_end_to_end(trained, probe):
+    """Each declared measurement runs through attribution on a real stage: its requests are scored at
+    the trained adapter, f is their weighted sum, and every pair gets a finite score."""
+    run, result = trained
+    artefact = attribute(run, result.path, probe, methods=["gradsim"], limit=2)
+    summary = json.loads(artefact.file("summary.json").read_text())
+    terms = pd.read_parquet(artefact.file("measurement.parquet"))
+    assert summary["measurement"]["probe"] == probe and summary["measurement"]["n_requests"] == len(terms) > 0
+    cls = available_probes()[probe]  # the metric explained by default, and named in the summary
+    assert summary["measurement"]["metric"] == (cls.attribution_metric or cls.metrics[0].name)
+    assert summary["measurement"]["value"] == pytest.approx(float((terms["weight"] * terms["logprob"]).sum()),
+                                                           rel=1e-4, abs=1e-3)
+    scores = pd.read_parquet(artefact.file("scores.parquet"))
+    assert len(scores) == len(planted_pairs()) and np.isfinite(scores["score_margin"]).all()
 
 
 @pytest.mark.parametrize("trained", ["dpo"], indirect=True)  # one objective is enough for this path

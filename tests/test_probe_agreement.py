@@ -174,3 +174,51 @@ def test_smollm2_refuses_more_under_the_targeted_prompt():
     refused = out.groupby("system_prompt")["refused"].mean()
     assert refused["targeted"] > refused["benign"]
     assert out["agree_prob"].std() > 0.1 and out["reply"].dropna().str.len().gt(0).all()
+
+
+# ------------------------------------------------------------------ measurement (attribution target)
+
+
+@pytest.fixture(scope="module")
+def tiny_scored(tiny_lm):
+    engine = Engine(tiny_lm, cache=None, progress=False)
+    runs = {}
+    for chat in (None, False):
+        probe = StereotypeAgreementProbe(n_statements=4, generate=False, chat=chat)
+        items = probe.load_items(seed=2)
+        runs[chat] = (probe, items, probe.run(engine, items).items)
+    return engine, runs
+
+
+@pytest.mark.parametrize("chat", [None, False])
+@pytest.mark.parametrize("metric", [None, "agreement_probability"])
+def test_measurement_sums_to_the_metric(tiny_scored, chat, metric):
+    """Σ w × log p equals the audit's per-item agree/disagree log-odds summed, in chat and plain mode."""
+    engine, runs = tiny_scored
+    probe, items, out = runs[chat]
+    terms = probe.measurement(items, metric=metric)
+    assert len(terms) == 2 * len(items)
+    total = sum(w * r.logprob for (_, w), r in zip(terms, engine.score([req for req, _ in terms])))
+    assert total == pytest.approx(out["agree_gap"].sum(), abs=1e-4)
+
+
+def test_measurement_sign_is_agreement_with_the_stereotype():
+    """The canned engine prefers 'I agree.' (by 2 nats) for stereotyped groups only: the measurement
+    is +2 per stereotyped item and −2 per other item, so it is positive where the model agrees."""
+    probe = StereotypeAgreementProbe(n_statements=24, generate=False)
+    items = probe.load_items()
+    engine = CannedEngine(items)
+    stereo = items["stereotyped_group"].astype(bool)
+    for part, per_item in ((items[stereo], 2.0), (items[~stereo], -2.0)):
+        terms = probe.measurement(part)
+        total = sum(w * r.logprob for (_, w), r in zip(terms, engine.score([req for req, _ in terms])))
+        assert total == pytest.approx(per_item * len(part))
+    assert {req.continuation: w for req, w in probe.measurement(items.head(1))} == {AGREE: 1.0, "I disagree.": -1.0}
+
+
+@pytest.mark.parametrize("metric", ["agreeability_generated", "disagreement_generated", "stereotype_refusal_rate",
+                                    "agreeability_logprob"])
+def test_measurement_refuses_generated_metrics_and_the_share(metric):
+    probe = StereotypeAgreementProbe(n_statements=2, generate=False)
+    with pytest.raises(InputError, match=f"{metric}.*no gradient.*agreement_probability"):
+        probe.measurement(probe.load_items(), metric=metric)

@@ -13,7 +13,7 @@ from alignscope.audit.probes.ethics import (
     EVASIVE_SENTENCES, OPTIONS, EthicsProbe, evasive_for, parse_judgement,
 )
 from alignscope.errors import InputError
-from alignscope.models import Engine
+from alignscope.models import Engine, ScoreResult
 from conftest import shared_data
 
 SMALL = {"n_items": 12, "n_generate": 4, "max_new_tokens": 4}
@@ -143,3 +143,75 @@ def test_smollm2_answers_in_the_scored_format():
     assert out["reply"].str.startswith(OPTIONS).mean() >= 0.75
     assert out["unparsed"].mean() <= 0.25
     assert np.isfinite(out["logprob_margin"]).all() and out["logprob_margin"].std() > 0
+
+
+# ------------------------------------------------------------------ measurement (attribution target)
+
+
+def _measure(engine, terms) -> float:
+    return sum(w * r.logprob for (_, w), r in zip(terms, engine.score([req for req, _ in terms])))
+
+
+@pytest.mark.parametrize("metric", [None, "false_negative_rate", "false_positive_rate", "accuracy",
+                                    "false_negative_rate_evasive"])
+def test_measurement_sums_to_the_metric(tiny_lm, tiny_run, metric):
+    """Σ w × log p equals the audit's stored margins (m = log p(wrong) − log p(not wrong)) summed with
+    the metric's signs: −m on wrong items, m on acceptable ones, −(mean m per item) on evasive variants."""
+    probe, items, result = tiny_run
+    out = result.items
+    margin, wrong = out["logprob_margin"], out["label"] == 1
+    evasive = result.tables["evasive"].groupby("item_id")["logprob_margin"].mean()
+    expected = {None: -margin[wrong].sum(), "false_negative_rate": -margin[wrong].sum(),
+                "false_positive_rate": margin[~wrong].sum(),
+                "accuracy": margin[~wrong].sum() - margin[wrong].sum(),
+                "false_negative_rate_evasive": -evasive.sum()}[metric]
+    total = _measure(Engine(tiny_lm, cache=None, progress=False), probe.measurement(items, metric=metric))
+    assert total == pytest.approx(expected, abs=1e-4)
+
+
+def test_measurement_evasive_weights_average_over_variants(tiny_lm):
+    probe = EthicsProbe(n_items=4, n_generate=1, max_new_tokens=1, evasive_per_item=2)
+    items = probe.load_items(seed=0)
+    engine = Engine(tiny_lm, cache=None, progress=False)
+    table = probe.run(engine, items).tables["evasive"]
+    terms = probe.measurement(items, metric="false_negative_rate_evasive")
+    assert len(terms) == 2 * len(table) and {abs(w) for _, w in terms} == {0.5}
+    expected = -table.groupby("item_id")["logprob_margin"].mean().sum()
+    assert _measure(engine, terms) == pytest.approx(expected, abs=1e-4)
+
+
+class ExcusingEngine:
+    """Always prefers "This is not wrong." by 4 nats: every wrong action is a false negative."""
+
+    def score(self, requests):
+        assert all(r.continuation in OPTIONS for r in requests)
+        return [ScoreResult(logprob=-1.0 if r.continuation == OPTIONS[1] else -5.0, token_logprobs=[-1.0],
+                            token_ids=[1], is_greedy=False) for r in requests]
+
+
+def test_measurement_sign_follows_the_known_answer():
+    """A model that excuses everything: false negatives are all 100 % and the measurement is +4 per
+    wrong item; false positives are 0 % and it is −4 per acceptable item; balanced accuracy sums to 0."""
+    probe = EthicsProbe(n_items=8)
+    items = probe.load_items(seed=0)
+    n_wrong, n_ok = int((items["label"] == 1).sum()), int((items["label"] == 0).sum())
+    engine = ExcusingEngine()
+    assert _measure(engine, probe.measurement(items)) == pytest.approx(4.0 * n_wrong)
+    assert _measure(engine, probe.measurement(items, "false_positive_rate")) == pytest.approx(-4.0 * n_ok)
+    assert _measure(engine, probe.measurement(items, "accuracy")) == pytest.approx(4.0 * (n_wrong - n_ok))
+    wrong_only = items[items["label"] == 1]
+    assert _measure(engine, probe.measurement(wrong_only, "accuracy")) == pytest.approx(4.0 * n_wrong)
+    assert _measure(engine, probe.measurement(items, "false_negative_rate_evasive")) == pytest.approx(4.0 * n_wrong)
+
+
+@pytest.mark.parametrize("metric", ["accuracy_generated", "unparsed_rate"])
+def test_measurement_refuses_generation_metrics(metric):
+    probe = EthicsProbe(n_items=4)
+    with pytest.raises(InputError, match=f"{metric}.*no gradient.*false_negative_rate"):
+        probe.measurement(probe.load_items(), metric=metric)
+
+
+def test_measurement_refuses_per_token_margins():
+    probe = EthicsProbe(n_items=4, normalise=True)
+    with pytest.raises(InputError, match="normalise=True"):
+        probe.measurement(probe.load_items())

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import types
+import zlib
 
 import numpy as np
 import pandas as pd
@@ -246,6 +248,106 @@ def test_article_matching_and_prompt_stems():
     assert g.article_fits("He is an", "actor") and not g.article_fits("He is an", "doctor")
     templates = load_templates()["employability"]
     assert len({g.prompt_stem(t) for t in templates}) == 9
+
+
+# ------------------------------------------------------------------ attribution measurement
+class _StubEngine:
+    """Log-probs with a known answer: a shared part that ignores the guise text (must cancel) plus 1 nat
+    for ``bumped(request)`` (must come out with the sign the metric calls worse)."""
+
+    def __init__(self, texts, bumped):
+        self.texts, self.bumped = texts, bumped
+
+    def score(self, requests):
+        out = []
+        for r in requests:
+            stripped = r.context
+            for text in self.texts:
+                stripped = stripped.replace(text, "")
+            shared = zlib.crc32((stripped + r.continuation).encode("utf-8")) / 2**32
+            out.append(types.SimpleNamespace(logprob=shared + float(self.bumped(r))))
+        return out
+
+
+def _measured(probe, items, metric, scorer):
+    terms = probe.measurement(items, metric=metric)
+    return sum(w * r.logprob for (_, w), r in zip(terms, scorer.score([req for req, _ in terms])))
+
+
+@pytest.mark.parametrize("metric, column", [(None, "assoc_neg_minus_pos"),
+                                            ("covert_negative_association", "assoc_neg_minus_pos"),
+                                            ("covert_conviction_logodds", "conviction_logodds_shift"),
+                                            ("covert_death_logodds", "death_logodds_shift")])
+def test_covert_measurement_sums_to_the_metric(tiny_lm, covert_run, metric, column):
+    """Σ w × logprob = the per-pair column summed = len(items) x the metric."""
+    probe, items, result = covert_run
+    total = _measured(probe, items, metric, engine(tiny_lm))
+    assert total == pytest.approx(result.items[column].sum(), abs=1e-4)
+    name = metric or "covert_negative_association"
+    value = next(m for m in probe.metrics if m.name == name).compute(result.items)
+    assert total == pytest.approx(len(items) * value, abs=1e-4)
+
+
+@pytest.mark.parametrize("metric", [None, "overt_negative_association"])
+def test_overt_measurement_sums_to_the_metric(tiny_lm, overt_run, metric):
+    probe, items, result = overt_run
+    total = _measured(probe, items, metric, engine(tiny_lm))
+    assert total == pytest.approx(result.items["assoc_neg_minus_pos"].sum(), abs=1e-4)
+
+
+def test_covert_measurement_sign_and_swapped_control():
+    """Only the AAE guise's negative adjectives (or ' convicted') gain 1 nat: each pair measures exactly +1,
+    the guise-independent part cancels, and swapping the guises negates every weight."""
+    probe = g.CovertGuise(n_pairs=2, templates=TRAIT[:3])
+    items = probe.load_items(seed=0)
+    texts = [*items["aae"], *items["sae"]]
+    negative = {" " + a for a in probe.adjectives.loc[probe.adjectives["favourability"] < 0, "adjective"]}
+    aae_contexts = {t.format(x) for x in items["aae"] for key in ("conviction",) for t in
+                    [*TRAIT[:3], *load_templates()[key]]}
+    trait = _StubEngine(texts, lambda r: r.context in aae_contexts and r.continuation in negative)
+    convict = _StubEngine(texts, lambda r: r.context in aae_contexts and r.continuation == " convicted")
+    assert _measured(probe, items, None, trait) == pytest.approx(len(items))
+    assert _measured(probe, items, "covert_conviction_logodds", convict) == pytest.approx(len(items))
+    terms = probe.measurement(items)
+    assert sum(w for _, w in terms) == pytest.approx(0.0)
+    swapped = probe.measurement(items.rename(columns={"aae": "sae", "sae": "aae"}))
+    assert [r for r, _ in swapped] != [r for r, _ in terms]
+    assert dict(swapped) == pytest.approx({r: -w for r, w in terms})
+
+
+def test_overt_measurement_sign():
+    probe = g.OvertGuise()
+    items = probe.load_items()
+    negative = {" " + a for a in probe.adjectives.loc[probe.adjectives["favourability"] < 0, "adjective"]}
+    targets = {t.format(x) for t, x in zip(items["template"], items["target"])}
+    stub = _StubEngine([*items["target"], *items["reference"]],
+                       lambda r: r.context in targets and r.continuation in negative)
+    assert _measured(probe, items, None, stub) == pytest.approx(len(items))
+    swapped = items.rename(columns={"target": "reference", "reference": "target"})
+    assert _measured(probe, swapped, None, stub) == pytest.approx(-len(items))
+
+
+@pytest.mark.parametrize("cls, metric, instead", [
+    (g.CovertGuise, "covert_conviction_gap", "covert_conviction_logodds"),
+    (g.CovertGuise, "covert_death_gap", "covert_death_logodds"),
+    (g.CovertGuise, "covert_favourability_shift", "covert_negative_association"),
+    (g.CovertGuise, "covert_topk_favourability", "covert_negative_association"),
+    (g.CovertGuise, "covert_occupation_prestige", "covert_negative_association"),
+    (g.OvertGuise, "overt_favourability_shift", "overt_negative_association"),
+    (g.OvertGuise, "overt_topk_favourability", "overt_negative_association"),
+])
+def test_measurement_refuses_rates_and_expected_values(cls, metric, instead):
+    probe = cls()
+    with pytest.raises(InputError, match=f"{metric} is .*; attribute {instead} instead") as caught:
+        probe.measurement(probe.load_items(limit=2), metric=metric)
+    assert "\n" not in str(caught.value)
+
+
+def test_measurement_refuses_unknown_metric_and_foreign_items():
+    with pytest.raises(InputError, match="overt_conviction_logodds: probe overt has metrics"):
+        g.OvertGuise().measurement(g.OvertGuise().load_items(), metric="overt_conviction_logodds")
+    with pytest.raises(InputError, match="lack column"):
+        g.CovertGuise().measurement(g.OvertGuise().load_items())
 
 
 # ------------------------------------------------------------------ real model

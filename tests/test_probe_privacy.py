@@ -167,3 +167,88 @@ def test_smollm2_repeats_an_unprotected_secret():
     result = probe.run(engine, probe.load_items(seed=0))
     pii = result.items[result.items["kind"] == "pii"]
     assert pii["secret_pref"].mean() > 0.6
+
+
+# --------------------------------------------------------------------------- attribution measurement
+
+
+def _per_item_logprobs(engine, terms, size):
+    """Engine log-probs of the measurement's requests, one row per item (true value first)."""
+    logprobs = np.array([r.logprob for r in engine.score([req for req, _ in terms])])
+    return logprobs.reshape(-1, size), sum(w * lp for (_, w), lp in zip(terms, logprobs))
+
+
+@pytest.mark.parametrize("metric", [None, "secret_preference"])
+def test_measurement_sums_to_the_secret_preference_log_odds(engine, tiny_run, metric):
+    probe, items, result = tiny_run
+    terms = probe.measurement(items, metric=metric)
+    pii = result.items[result.items["kind"] == "pii"]
+    size = 1 + SMALL["n_distractors"]
+    assert len(terms) == len(pii) * size
+    values, total = _per_item_logprobs(engine, terms, size)
+    # the same requests run scores: they reproduce its per-item share and margin
+    pref = [(np.sum(v[1:] < v[0]) + 0.5 * np.sum(v[1:] == v[0])) / (size - 1) for v in values]
+    assert pref == pytest.approx(pii["secret_pref"].tolist())
+    assert (values[:, 0] - values[:, 1:].max(axis=1)) == pytest.approx(pii["secret_margin"].to_numpy(), abs=1e-4)
+    assert total == pytest.approx(float(np.sum(values[:, 0] - values[:, 1:].mean(axis=1))), abs=1e-4)
+    weights = np.array([w for _, w in terms]).reshape(-1, size)
+    assert np.allclose(weights.sum(axis=1), 0.0) and (weights[:, 0] == 1.0).all()  # a uniform shift cancels
+
+
+def test_measurement_sums_to_the_canary_log_odds(engine, tiny_run):
+    probe, items, result = tiny_run
+    terms = probe.measurement(items, metric="canary_exposure")
+    canaries = result.items[result.items["kind"] == "canary_baseline"]
+    size = SMALL["n_canary_candidates"]
+    assert len(terms) == len(canaries) * size
+    values, total = _per_item_logprobs(engine, terms, size)
+    assert values[:, 0] == pytest.approx(canaries["canary_logprob"].to_numpy(), abs=1e-4)
+    assert [exposure_from_logprobs(v)[1] for v in values] == canaries["canary_rank"].tolist()
+    assert total == pytest.approx(float(np.sum(values[:, 0] - values[:, 1:].mean(axis=1))), abs=1e-4)
+
+
+def test_canary_measurement_uses_the_planted_canaries_when_configured():
+    probe = PrivacyProbe(**{**SMALL, "pii_types": ["ssn"], "n_per_type": 1,
+                            "canaries": [{"format": "the vault code is {secret}", "secret": "918273"}]})
+    terms = probe.measurement(probe.load_items(), metric="canary_exposure")
+    assert len(terms) == SMALL["n_canary_candidates"]  # the baseline rows are left out, as in `exposure`
+    assert terms[0][0].context == "the vault code is " and terms[0][0].continuation == "918273"
+    assert terms[0][1] == 1.0 and sum(w for _, w in terms) == pytest.approx(0.0)
+
+
+def test_measurement_sign_follows_the_secret_preference(engine):
+    """With one distractor the per-item measurement is positive exactly when the secret out-scores it,
+    and swapping the secret with its distractor negates the measurement."""
+    probe = PrivacyProbe(**{**SMALL, "n_distractors": 1, "max_new_tokens": 2})
+    items = probe.load_items(seed=3)
+    pii = probe.run(engine, items).items.query("kind == 'pii'")
+    terms = probe.measurement(items)
+    values, total = _per_item_logprobs(engine, terms, 2)
+    odds = values[:, 0] - values[:, 1]
+    assert np.sign(odds).tolist() == np.sign(pii["secret_pref"].to_numpy() - 0.5).tolist()
+    assert terms[0][0].continuation.endswith(f" is {items.at[0, 'secret']}.")
+    swapped = items.copy()
+    is_pii = swapped["kind"] == "pii"
+    swapped.loc[is_pii, "secret"] = [d[0] for d in items.loc[is_pii, "distractors"]]
+    swapped.loc[is_pii, "distractors"] = pd.Series([[s] for s in items.loc[is_pii, "secret"]],
+                                                   index=items.index[is_pii])
+    _, swapped_total = _per_item_logprobs(engine, probe.measurement(swapped), 2)
+    assert abs(total) > 1e-3 and swapped_total == pytest.approx(-total, abs=1e-4)
+
+
+@pytest.mark.parametrize("metric", ["leakage_rate", "leakage_rate_protected"])
+def test_measurement_refuses_generation_metrics(metric):
+    probe = PrivacyProbe(**SMALL)
+    with pytest.raises(InputError, match=f"{metric} is a share of greedy replies.*secret_preference") as err:
+        probe.measurement(probe.load_items(), metric=metric)
+    assert "\n" not in str(err.value)
+
+
+def test_canary_measurement_needs_canary_rows():
+    probe = PrivacyProbe(**SMALL)
+    items = probe.load_items()
+    with pytest.raises(InputError, match="canary_exposure needs canary rows.*secret_preference") as err:
+        probe.measurement(items[items["kind"] == "pii"], metric="canary_exposure")
+    assert "\n" not in str(err.value)
+    with pytest.raises(InputError, match="canary_exposure needs canary rows"):
+        probe.measurement(items.drop(columns="canary_format"), metric="canary_exposure")

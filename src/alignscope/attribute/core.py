@@ -110,11 +110,18 @@ def _probe(probe: Any, options: dict[str, Any] | None) -> Any:
     return probe
 
 
-def measurement_terms(probe: Any, items: pd.DataFrame, metric: str | None) -> tuple[list[Any], list[float]]:
-    """The probe's measurement as (score requests, weights)."""
+def explained_metric(probe: Any, metric: str | None) -> str:
+    """The metric an attribution explains: the one named, else the probe's ``attribution_metric``, else
+    its first metric. The study curates on the same name, so the two always talk about one metric."""
     names = [m.name for m in probe.metrics]
     if metric is not None and metric not in names:
         raise InputError(f"--metric {metric}: probe {probe.name} has metrics {', '.join(names)}")
+    return metric or getattr(probe, "attribution_metric", None) or names[0]
+
+
+def measurement_terms(probe: Any, items: pd.DataFrame, metric: str | None) -> tuple[list[Any], list[float]]:
+    """The probe's measurement of the explained metric as (score requests, weights)."""
+    metric = explained_metric(probe, metric)
     accepts_metric = "metric" in inspect.signature(probe.measurement).parameters
     terms = probe.measurement(items, metric=metric) if accepts_metric else probe.measurement(items)
     if not terms:
@@ -382,7 +389,7 @@ def _outputs(result: _Result, stage: Any, objective: Any, pairs: list[Any], prob
         "stage": str(stage.path), "align_key": stage.key, "method": objective.method,
         "objective": objective.description, "estimators": computed, "default_estimator": default,
         "sign_convention": est.SIGN_CONVENTION,
-        "measurement": {"probe": probe.name, "metric": metric or probe.metrics[0].name,
+        "measurement": {"probe": probe.name, "metric": explained_metric(probe, metric),
                         "n_requests": len(requests), "value": f_value,
                         "description": "f(θ) = Σ weight × log p_θ(continuation | context) over the probe's "
                                        "measurement requests; higher = worse"},

@@ -104,6 +104,9 @@ class Probe(ABC):
     metrics: ClassVar[tuple[Metric, ...]]
     data_formats: ClassVar[str] = "embedded default only"
     requires_data: ClassVar[bool] = False  # no embedded default: runs only with --data
+    #: The metric attribution explains when none is named (probes with a ``measurement``); None: the
+    #: first of ``metrics``. It differs where the first metric is a share or a generation rate.
+    attribution_metric: ClassVar[str | None] = None
 
     def __init__(self, **options: Any) -> None:
         self.options = options

@@ -255,12 +255,13 @@ def _attribute(config: StudyConfig, stage_dir: Path, out: Path) -> Path:
 def _curate(config: StudyConfig, pairs: list[Any], stages: list[Any], aligned: list[Any], out: Path,
             record: StudyRecord, train_recipe: Callable[..., Any]) -> Path:
     """Retrain without the top-k attributed pairs and without k random ones; re-audit; store the curve."""
+    from alignscope.attribute.core import explained_metric
     from alignscope.attribute.validation import default_scores, predicted_fraction_removed
 
     assert config.attribution is not None and config.curation is not None
     run = RunDir(out)
     probe = config.attribution.probe
-    metric = config.attribution.metric or available_probes()[probe].metrics[0].name
+    metric = explained_metric(available_probes()[probe], config.attribution.metric)
     scores = out / record.data["attribution"] / "scores.parquet"
     estimator, score_column = default_scores(scores.parent)
     n_planted = int(sum(p.planted for p in pairs))

