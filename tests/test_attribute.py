@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -347,7 +348,6 @@ def test_predicted_share_removed_follows_the_additive_model():
 def test_cli_attribute_and_curate(trained, tmp_path, capsys):
     from alignscope.cli import main
     from alignscope.data.preferences import load_preferences
-    from alignscope.store import RunDir
 
     def cli(args: list[str]) -> int:
         with pytest.raises(SystemExit) as exit_info:
@@ -361,11 +361,14 @@ def test_cli_attribute_and_curate(trained, tmp_path, capsys):
           "--limit", "2"]) == 0
     printed = capsys.readouterr().out
     assert "default estimator: margin" in printed and "planted AUC" in printed
-    key = RunDir(run).latest("attribution").key
+    # the artefact the command printed (a cache hit when another test made the same attribution first)
+    attributed = Path(next(line for line in printed.splitlines() if line.startswith("attribution -> "))
+                      .removeprefix("attribution -> "))
+    key = attributed.name
     out = tmp_path / "kept.jsonl"
     assert cli(["curate", "--run", str(run), "--attribution", key, "--drop-top", "2", "--out", str(out)]) == 0
     assert len(load_preferences(out)) == len(planted_pairs()) - 2
-    scores = pd.read_parquet(RunDir(run).latest("attribution").path / "scores.parquet").sort_values("rank")
+    scores = pd.read_parquet(attributed / "scores.parquet").sort_values("rank")
     share = scores["score_margin"].head(2).sum() / scores["score_margin"].sum()
     assert f"removes {share:.0%} of the change the margin scores explain" in capsys.readouterr().out
     assert cli(["curate", "--run", str(run), "--attribution", key, "--drop-top", "2", "--random", "--out",

@@ -229,3 +229,19 @@ def test_unsupported_method_is_named():
     summary = {"method": "rloo", "config": {"method": "rloo"}}
     with pytest.raises(InputError, match="rloo"):
         objective_from_summary(summary)
+
+
+def test_summed_measurement_gradient_equals_the_weighted_rows(dpo_stage):
+    """Attribution keeps only ∇f (a measurement can have thousands of requests): summing batch by
+    batch must give the weighted sum of the per-request rows."""
+    _, _, result = dpo_stage
+    lm = loaded(result)
+    req = [ScoreRequest("Tell me about tea.", " Sure thing.", chat=True),
+           ScoreRequest("Tell me about rain.", " No.", chat=True),
+           ScoreRequest("Tell me about snow.", " It is cold.", chat=True)]
+    weights = [1.0, -0.5, 2.0]
+    logps, rows = measurement_gradients(lm, LoraGradients(lm.model), req, weights, batch_tokens=32)
+    again, total = measurement_gradients(lm, LoraGradients(lm.model), req, weights, batch_tokens=32, summed=True)
+    assert total.shape == (rows.shape[1],) and np.abs(total).max() > 0
+    assert total == pytest.approx(rows.astype(np.float64).sum(axis=0), rel=1e-5, abs=1e-7)
+    assert again == pytest.approx(logps)

@@ -12,8 +12,8 @@ collected once (``gradients.py``, cached in ``RUN/gradients/<key>/``) and every 
                      convention (for readers without Parquet)
     summary.json     estimators, default estimator, sign convention, measurement, timings per phase,
                      and with planted labels: planted-pair AUC and recall@k per estimator
-    measurement.parquet / measurement.npy   the measurement's requests, log-probs and gradients (the
-                     gradients at the trained adapter; absent when only TracIn ran)
+    measurement.parquet / measurement.npy   the measurement's requests and log-probs, and its gradient
+                     ∇f = Σ weight × ∇log p at the trained adapter (float32; absent when only TracIn ran)
 """
 
 from __future__ import annotations
@@ -229,7 +229,7 @@ class _Result:
     gradients: Any
     scores: dict[str, est.Scores | np.ndarray]
     logps: np.ndarray
-    measurement: np.ndarray | None  # per-request gradients at the trained adapter (None: TracIn only)
+    measurement: np.ndarray | None  # ∇f at the trained adapter (None: TracIn only)
     gradient_key: str
     snapshots: list[str]
 
@@ -261,14 +261,14 @@ def _compute(run: RunDir, stage: Any, lm: Any, objective: Any, pairs: list[Any],
             model = stage.load_snapshot(snapshot, dtype=dtype)
             snapshot_gs, _, snapshot_mgrad = gradients_at(model, snapshot.name)
             del model
-            checkpoints.append((learning_rate, snapshot_gs, snapshot_mgrad.astype(np.float64).sum(axis=0)))
+            checkpoints.append((learning_rate, snapshot_gs, snapshot_mgrad))
             snapshot_names.append(snapshot.name)
     if any(name != "tracin" for name in estimators):
         gs, logps, mgrad = gradients_at(lm, None)
     else:
         gs, mgrad = checkpoints[-1][1], None
         logps = _logprobs(lm, requests, batch_tokens)
-    v = mgrad.astype(np.float64).sum(axis=0) if mgrad is not None else None
+    v = mgrad
     scores: dict[str, est.Scores | np.ndarray] = {}
     clock = time.perf_counter()
     products = est.side_products(gs, v) if v is not None else {}
@@ -302,7 +302,7 @@ def _gradients(run: RunDir, stage: Any, lm: Any, objective: Any, pairs: list[Any
                weights: list[float], config: Any, reference: Any, project_dim: int | None, seed: int, dtype: str,
                batch_tokens: int, chunk_pairs: int, timings: dict[str, float], snapshot: str | None,
                factors: bool = False) -> tuple[Any, np.ndarray, np.ndarray]:
-    """Per-pair gradients (cached) and per-request measurement gradients of one adapter state
+    """Per-pair gradients (cached) and the measurement's gradient ∇f of one adapter state
     (with ``factors``, the gradient set also keeps the K-FAC sums that ``ekfac_onepass`` needs)."""
     from alignscope.attribute.gradients import GRADIENT_STAGE, LoraGradients, collect_pair_gradients, \
         measurement_gradients
@@ -324,7 +324,7 @@ def _gradients(run: RunDir, stage: Any, lm: Any, objective: Any, pairs: list[Any
     timings[f"train_gradients{suffix}_s"] = time.perf_counter() - clock
     clock = time.perf_counter()
     logps, mgrad = measurement_gradients(lm, LoraGradients(lm.model, project_dim, seed), requests, weights,
-                                         batch_tokens)
+                                         batch_tokens, summed=True)
     timings[f"measurement_gradients{suffix}_s"] = time.perf_counter() - clock
     return gs, logps, mgrad
 

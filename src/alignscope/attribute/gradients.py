@@ -467,16 +467,25 @@ def measurement_rows(lm: Any, requests: Sequence[Any]) -> list[Row]:
 
 
 def measurement_gradients(lm: Any, grads: LoraGradients, requests: Sequence[Any], weights: Sequence[float],
-                          batch_tokens: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """(log-probs, weighted per-request gradients): f = Σ w·logp and ∇f = Σ rows of the matrix."""
+                          batch_tokens: int = 4096, summed: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(log-probs, weighted per-request gradients): f = Σ w·logp and ∇f = Σ rows of the matrix.
+
+    With ``summed`` the gradient part is ∇f itself (one float64 vector), added up batch by batch.
+    Why: attribution only needs ∇f, and a measurement can have thousands of requests (the covert
+    matched-guise probe scores every adjective after every template for both guises: 5,328 requests
+    for 8 text pairs), whose rows would take requests × LoRA dims × 4 bytes (52 GB on the default stage).
+    """
     lm.model.eval()
     lp = LogProbModel(lm.model, lm.tokenizer.pad_token_id or 0)
     rows = measurement_rows(lm, requests)
     logps = np.zeros(len(rows))
-    out = np.zeros((len(rows), grads.dim), dtype=np.float32)
+    out = np.zeros(grads.dim) if summed else np.zeros((len(rows), grads.dim), dtype=np.float32)
     w = np.asarray(weights, dtype=np.float64)
     for batch in token_batches([len(r.ids) for r in rows], batch_tokens, MAX_ROWS):
         values, g = grads.per_row(lambda hook, b=batch: lp([rows[j] for j in b], input_hook=hook))
         logps[batch] = values.double().cpu().numpy()
-        out[batch] = g.numpy() * w[batch, None]
+        if summed:
+            out += w[batch] @ g.numpy().astype(np.float64)
+        else:
+            out[batch] = g.numpy() * w[batch, None]
     return logps, out
