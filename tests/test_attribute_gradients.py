@@ -174,11 +174,16 @@ def test_measurement_equals_the_engine(dpo_stage):
                 ScoreRequest("The sky is", " blue", chat=False)]
     weights = [1.0, -1.0, 0.5]
     grads = LoraGradients(lm.model)
-    logps, _ = measurement_gradients(lm, grads, requests, weights)
+    logps, rows = measurement_gradients(lm, grads, requests, weights, batch_tokens=32)
     engine = Engine(lm, cache=None, progress=False)
     expected = [r.logprob for r in engine.score(requests)]
     assert logps == pytest.approx(expected, abs=1e-4)
     assert float(np.dot(weights, logps)) == pytest.approx(float(np.dot(weights, expected)), abs=1e-4)
+    # attribution keeps only ∇f (a measurement can have thousands of requests): summed batch by batch,
+    # it must equal the weighted rows added up
+    again, total = measurement_gradients(lm, grads, requests, weights, batch_tokens=32, summed=True)
+    assert total.shape == (rows.shape[1],) and np.abs(total).max() > 0 and again == pytest.approx(logps)
+    assert total == pytest.approx(rows.astype(np.float64).sum(axis=0), rel=1e-5, abs=1e-7)
 
 
 def test_projection_keeps_dot_products_roughly(dpo_stage):
@@ -230,18 +235,3 @@ def test_unsupported_method_is_named():
     with pytest.raises(InputError, match="rloo"):
         objective_from_summary(summary)
 
-
-def test_summed_measurement_gradient_equals_the_weighted_rows(dpo_stage):
-    """Attribution keeps only ∇f (a measurement can have thousands of requests): summing batch by
-    batch must give the weighted sum of the per-request rows."""
-    _, _, result = dpo_stage
-    lm = loaded(result)
-    req = [ScoreRequest("Tell me about tea.", " Sure thing.", chat=True),
-           ScoreRequest("Tell me about rain.", " No.", chat=True),
-           ScoreRequest("Tell me about snow.", " It is cold.", chat=True)]
-    weights = [1.0, -0.5, 2.0]
-    logps, rows = measurement_gradients(lm, LoraGradients(lm.model), req, weights, batch_tokens=32)
-    again, total = measurement_gradients(lm, LoraGradients(lm.model), req, weights, batch_tokens=32, summed=True)
-    assert total.shape == (rows.shape[1],) and np.abs(total).max() > 0
-    assert total == pytest.approx(rows.astype(np.float64).sum(axis=0), rel=1e-5, abs=1e-7)
-    assert again == pytest.approx(logps)
