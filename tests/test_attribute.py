@@ -360,7 +360,10 @@ def test_cli_attribute_and_curate(trained, tmp_path, capsys):
     assert cli(["attribute", "--run", str(run), "--stage", result.key, "--probe", "planted_bias", "--method", "gradsim",
           "--limit", "2"]) == 0
     printed = capsys.readouterr().out
-    assert "default estimator: margin" in printed and "planted AUC" in printed
+    assert "default estimator: margin" in printed and "planted AUC" in printed and "not a check" not in printed
+    assert cli(["attribute", "--run", str(run), "--stage", result.key, "--probe", "crows_pairs", "--method",
+                "gradsim", "--limit", "2"]) == 0
+    assert "planted to move planted_bias" in capsys.readouterr().out  # other probes: planted AUC is no check
     # the artefact the command printed (a cache hit when another test made the same attribution first)
     attributed = Path(next(line for line in printed.splitlines() if line.startswith("attribution -> "))
                       .removeprefix("attribution -> "))
