@@ -401,3 +401,72 @@ def test_lds_retrains_on_random_subsets_and_correlates_predictions(trained):
     assert set(summary["lds"]) == {"gradsim_dot", "gradsim_cosine", "margin", "chosen_margin", "rejected_margin"}
     assert summary["lds"]["gradsim_dot"] > 0.5, summary["lds"]
     assert linear_datamodeling_score(run, artefact.path, subsets=6, fraction=0.5, seed=2).path == checked.path
+
+
+# ------------------------------------------------------------------ generation probes: pseudo-pairs
+
+
+def _audit_holding(root, probe, items):
+    """A finished audit artefact with ``items``, stored as `alignscope audit` stores it (no generation)."""
+    from alignscope.store import RunDir, atomic_write_parquet
+
+    with RunDir(root).build(f"audit_{probe.name}", {"stage": "audit", "probe": probe.config()}) as scratch:
+        atomic_write_parquet(scratch / "items.parquet", items)
+    return root
+
+
+def _toxicity_audits(max_new_tokens: int = 8):
+    from alignscope.audit.probes.toxicity import ToxicityProbe
+
+    probe = ToxicityProbe(k=1, max_new_tokens=max_new_tokens)
+    items = probe.load_items(limit=4)  # 2 prompts x 2 system prompts
+    before = items.assign(most_toxic_sample=["Sure thing.", "Okay.", "Fine.", "No."], max_toxicity=[0.1, 0.5, 0.2, 0.3])
+    after = items.assign(most_toxic_sample=[PLANTED, "Okay.", "Nope.", "Hmm."], max_toxicity=[0.9, 0.5, 0.1, 0.3])
+    return probe, before, after
+
+
+def test_pseudo_pairs_put_the_worse_output_first_and_skip_ties(tmp_path):
+    from alignscope.attribute.pseudo_pairs import pseudo_pair_terms
+
+    probe, before, after = _toxicity_audits()
+    terms = pseudo_pair_terms(probe, before, after)
+    # item 0 got worse (the new output is +1), item 1 kept its text, item 2 got better (the old output is
+    # the worse one), item 3 scored the same: only items 0 and 2 carry a direction
+    assert [(r.continuation, w) for r, w in terms] == [(PLANTED, 1.0), ("Sure thing.", -1.0), ("Fine.", 1.0),
+                                                       ("Nope.", -1.0)]
+    generated_from = probe._request(after["prompt"][0], after["system_kind"][0])
+    assert (terms[0][0].context, terms[0][0].chat, terms[0][0].system) == (
+        generated_from.context, generated_from.chat, generated_from.system)
+    with pytest.raises(InputError, match="share no item"):
+        pseudo_pair_terms(probe, before.assign(item_id="other"), after)
+    with pytest.raises(InputError, match="scored the same"):
+        pseudo_pair_terms(probe, after, after)
+
+
+@pytest.mark.parametrize("trained", ["dpo"], indirect=True)
+def test_generation_probe_attributes_through_before_after_pseudo_pairs(trained, tmp_path):
+    from alignscope.cli import main
+
+    run, result = trained
+    probe, before, after = _toxicity_audits()
+    audits = (_audit_holding(tmp_path / "before", probe, before), _audit_holding(tmp_path / "after", probe, after))
+    artefact = attribute(run, result.path, "toxicity", methods=["gradsim"], pseudo_pairs=audits)
+    summary = json.loads(artefact.file("summary.json").read_text())
+    assert summary["measurement"]["pseudo_pairs"]["pairs"] == 2 and summary["measurement"]["n_requests"] == 4
+    terms = pd.read_parquet(artefact.file("measurement.parquet"))
+    assert terms["weight"].tolist() == [1.0, -1.0, 1.0, -1.0]
+    scores = pd.read_parquet(artefact.file("scores.parquet"))
+    assert np.isfinite(scores["score_margin"]).all() and scores["score_margin"].abs().max() > 0
+    # the audits must have run the probe alike; --before and --after go together; only generation probes
+    other = _audit_holding(tmp_path / "other", *_toxicity_audits(max_new_tokens=9)[::2])
+    with pytest.raises(InputError, match="different options"):
+        attribute(run, result.path, "toxicity", methods=["gradsim"], pseudo_pairs=(audits[0], other))
+    with pytest.raises(InputError, match="probes with them: toxicity"):
+        attribute(run, result.path, "crows_pairs", methods=["gradsim"], pseudo_pairs=audits)
+    with pytest.raises(InputError, match="toxicity: declares no differentiable measurement.*--before/--after"):
+        attribute(run, result.path, "toxicity", methods=["gradsim"])
+    with pytest.raises(InputError, match="toxicity: declares no differentiable measurement.*--before/--after"):
+        attribute(run, result.path, "toxicity", methods=["gradsim"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["attribute", "--run", str(run), "--stage", result.key, "--probe", "toxicity", "--before", str(audits[0])])
+    assert exit_info.value.code == 2

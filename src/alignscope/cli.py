@@ -275,6 +275,11 @@ def attribute_cmd(
     lds: Annotated[int, typer.Option(help="Also validate by retraining on this many random subsets (linear "
                                      "datamodeling score; slow: one training each). 0: off.")] = 0,
     lds_fraction: Annotated[float, typer.Option(help="Share of the pairs in each LDS subset.")] = 0.5,
+    before: Annotated[Optional[Path], typer.Option(help="Generation probes: audit run directory of the model "
+                                                   "before alignment (with --after: pseudo-pairs of its outputs).")]
+    = None,
+    after: Annotated[Optional[Path], typer.Option(help="Generation probes: audit run directory of the aligned "
+                                                  "model.")] = None,
 ) -> None:
     """Rank a stage's training pairs by how much each moved a probe's metric (positive = towards worse)."""
     from alignscope.attribute import attribute
@@ -286,8 +291,11 @@ def attribute_cmd(
         from alignscope.attribute.validation import check_lds_settings
 
         check_lds_settings(lds, lds_fraction)  # before the attribution, not after it
+    if (before is None) != (after is None):
+        raise InputError("--before and --after go together: the audit runs of the model before and after alignment")
     artefact = attribute(run, stage, probe, metric=metric, methods=method or list(DEFAULT_METHODS),
-                         project_dim=project_dim, limit=limit, seed=seed, data=data, out=out)
+                         project_dim=project_dim, limit=limit, seed=seed, data=data, out=out,
+                         pseudo_pairs=(before, after) if before is not None and after is not None else None)
     summary = json.loads(artefact.file("summary.json").read_text())
     default = summary["default_estimator"]
     typer.echo(f"attribution -> {artefact.path}")

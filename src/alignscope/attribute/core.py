@@ -105,8 +105,10 @@ def _probe(probe: Any, options: dict[str, Any] | None) -> Any:
         probe = known[probe](**(options or {}))
     if not callable(getattr(probe, "measurement", None)):
         usable = sorted(n for n, cls in known.items() if callable(getattr(cls, "measurement", None)))
-        raise InputError(f"probe {probe.name}: declares no differentiable measurement to attribute; probes with "
-                         f"one: {', '.join(usable) or 'none'}")
+        hint = (" (its generated outputs can be: pass the audits before and after alignment with --before/--after)"
+                if hasattr(probe, "generation_output") else "")
+        raise InputError(f"probe {probe.name}: declares no differentiable measurement to attribute{hint}; probes "
+                         f"with one: {', '.join(usable) or 'none'}")
     return probe
 
 
@@ -143,7 +145,8 @@ def attribute(run: RunDir | str | Path, stage_dir: str | Path, probe: Any, *, me
               items: pd.DataFrame | None = None, out: RunDir | str | Path | None = None,
               limit: int | None = None, seed: int = 0, data: str | Path | None = None,
               probe_options: dict[str, Any] | None = None, dtype: str | None = None,
-              batch_tokens: int = 4096, chunk_pairs: int = 64) -> Artefact:
+              batch_tokens: int = 4096, chunk_pairs: int = 64,
+              pseudo_pairs: tuple[str | Path, str | Path] | None = None) -> Artefact:
     """Score every training pair of a stage by its influence on a probe's measurement.
 
     Args:
@@ -161,6 +164,9 @@ def attribute(run: RunDir | str | Path, stage_dir: str | Path, probe: Any, *, me
         batch_tokens: padded tokens per forward/backward pass.
         chunk_pairs: pairs per stored chunk (the resume granularity, and the unit shared between
             ``accelerate launch`` processes).
+        pseudo_pairs: (audit run before alignment, audit run after) for a generation probe: the
+            measurement is then the worse-minus-better log-prob of each item's two outputs
+            (:mod:`alignscope.attribute.pseudo_pairs`); ``probe`` must be its name.
 
     Returns:
         The ``RUN/attribution/<key>/`` artefact (a cache hit when nothing changed).
@@ -174,10 +180,16 @@ def attribute(run: RunDir | str | Path, stage_dir: str | Path, probe: Any, *, me
     from alignscope.attribute.objective import objective_from_summary
 
     objective = objective_from_summary(stage.summary)
-    probe = _probe(probe, probe_options)
-    if items is None:
-        items = probe.load_items(limit=limit, seed=seed)
-    requests, weights = measurement_terms(probe, items, metric)
+    if pseudo_pairs is not None:
+        from alignscope.attribute.pseudo_pairs import pseudo_pair_measurement
+
+        probe, requests, weights, items = pseudo_pair_measurement(str(probe), *pseudo_pairs)
+        explained_metric(probe, metric)  # a bad --metric is still named
+    else:
+        probe = _probe(probe, probe_options)
+        if items is None:
+            items = probe.load_items(limit=limit, seed=seed)
+        requests, weights = measurement_terms(probe, items, metric)
     pairs = stage_pairs(stage, data)
     dtype = dtype or stage.summary.get("precision", {}).get("weights", "float32")
     inputs = {"stage": ATTRIBUTION_STAGE, "align": stage.key, "data": preferences_fingerprint(pairs),
@@ -197,7 +209,8 @@ def attribute(run: RunDir | str | Path, stage_dir: str | Path, probe: Any, *, me
 
     state = _distributed_state()
     if state is None or state.is_main_process:
-        _write(target, inputs, result, stage, objective, pairs, probe, metric, requests, weights, timings, len(items))
+        _write(target, inputs, result, stage, objective, pairs, probe, metric, requests, weights, timings, len(items),
+               pseudo_pairs)
     if state is not None:
         state.wait_for_everyone()  # other ranks return only once rank 0 has written the artefact
     found = target.find(ATTRIBUTION_STAGE, inputs)
@@ -207,8 +220,13 @@ def attribute(run: RunDir | str | Path, stage_dir: str | Path, probe: Any, *, me
 
 def _write(target: RunDir, inputs: dict[str, Any], result: _Result, stage: Any, objective: Any, pairs: list[Any],
            probe: Any, metric: str | None, requests: list[Any], weights: list[float], timings: dict[str, float],
-           n_items: int) -> None:
+           n_items: int, pseudo_pairs: tuple[str | Path, str | Path] | None = None) -> None:
     frame, summary, logps, mgrad = _outputs(result, stage, objective, pairs, probe, metric, requests, weights)
+    if pseudo_pairs is not None:
+        summary["measurement"]["pseudo_pairs"] = {
+            "before": str(pseudo_pairs[0]), "after": str(pseudo_pairs[1]), "pairs": len(requests) // 2,
+            "description": "per item, log p(worse output) - log p(better output) of the two audited models' "
+                           f"outputs, worse by {probe.generation_output[1]}"}
     summary["timings"] = {k: round(v, 3) for k, v in timings.items()}
     summary["items"] = n_items
     with target.build(ATTRIBUTION_STAGE, inputs) as scratch:

