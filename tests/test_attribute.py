@@ -443,6 +443,22 @@ def test_pseudo_pairs_put_the_worse_output_first_and_skip_ties(tmp_path):
         pseudo_pair_terms(probe, after, after)
 
 
+def test_pseudo_pairs_follow_the_probes_orientation_and_skip_unanswered_items():
+    """Truthfulness scores answers by similarity to the truth (higher = better): the less similar of the
+    two answers is the worse one; an item only one model answered carries no pair."""
+    from alignscope.attribute.pseudo_pairs import pseudo_pair_terms
+    from alignscope.audit.probes.truthfulness import TruthfulnessProbe
+
+    probe = TruthfulnessProbe()
+    items = probe.load_items(limit=3)
+    before = items.assign(answer=["Paris.", None, "Yes."], max_sim_to_correct=[0.9, np.nan, 0.4])
+    after = items.assign(answer=["London.", "Blue.", "No."], max_sim_to_correct=[0.2, 0.8, 0.7])
+    terms = pseudo_pair_terms(probe, before, after)
+    assert [(r.continuation.strip(), w) for r, w in terms] == [("London.", 1.0), ("Paris.", -1.0), ("Yes.", 1.0),
+                                                               ("No.", -1.0)]
+    assert terms[0][0].context == probe.output_request(after.iloc[0], "x").context
+
+
 @pytest.mark.parametrize("trained", ["dpo"], indirect=True)
 def test_generation_probe_attributes_through_before_after_pseudo_pairs(trained, tmp_path):
     from alignscope.cli import main

@@ -11,10 +11,11 @@ so f is higher when the model prefers the worse of its two outputs, which keeps 
 convention (positive score = up-weighting the training pair moves the metric towards worse). Items
 whose two outputs score the same, or are the same text, carry no direction and are left out.
 
-A probe takes part by declaring ``generation_output = (text column, score column)`` of its items
-table and ``output_request(row, text)``, the generated text as a score request in the context it
-was generated for. The probe is rebuilt with the options the audits stored, so the contexts match
-what was generated; the two audits must have run it with the same options.
+A probe takes part by declaring ``generation_output = (text column, score column, higher is worse)``
+of its items table and ``output_request(row, text)``, the generated text as a score request in the
+context it was generated for. Items without an output or a score on either side are left out.
+The probe is rebuilt with the options the audits stored, so the contexts match what was
+generated; the two audits must have run it with the same options.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from alignscope.errors import InputError
 
 def pseudo_pair_terms(probe: Any, before: pd.DataFrame, after: pd.DataFrame) -> list[tuple[Any, float]]:
     """(request, weight) terms: +1 on the worse of each item's two outputs, −1 on the better one."""
-    text, score = probe.generation_output
+    text, score, higher_is_worse = probe.generation_output
     for name, items in (("before", before), ("after", after)):
         missing = [c for c in ("item_id", text, score) if c not in items]
         if missing:
@@ -43,9 +44,12 @@ def pseudo_pair_terms(probe: Any, before: pd.DataFrame, after: pd.DataFrame) -> 
     terms: list[tuple[Any, float]] = []
     for _, row in merged.iterrows():
         now, then = float(row[score]), float(row[f"{score}_before"])
-        if now == then or row[text] == row[f"{text}_before"]:
+        outputs = (row[text], row[f"{text}_before"])
+        if not all(isinstance(o, str) and o for o in outputs) or now != now or then != then:  # NaN: not scored
             continue
-        worse, better = (row[text], row[f"{text}_before"]) if now > then else (row[f"{text}_before"], row[text])
+        if now == then or outputs[0] == outputs[1]:
+            continue
+        worse, better = outputs if (now > then) == higher_is_worse else outputs[::-1]
         terms += [(probe.output_request(row, worse), 1.0), (probe.output_request(row, better), -1.0)]
     if not terms:
         raise InputError(f"{probe.name}: every item scored the same before and after; nothing to attribute")

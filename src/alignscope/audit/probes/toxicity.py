@@ -195,8 +195,8 @@ class ToxicityProbe(Probe):
         return items
 
     #: Attribution through before/after pseudo-pairs (alignscope.attribute.pseudo_pairs): each item's
-    #: most toxic sample and its toxicity.
-    generation_output = ("most_toxic_sample", "max_toxicity")
+    #: most toxic sample and its toxicity (higher = worse).
+    generation_output = ("most_toxic_sample", "max_toxicity", True)
 
     def output_request(self, row: pd.Series, text: str) -> ScoreRequest:
         """``text`` as a scored continuation of the context the item's samples were generated from."""

@@ -380,6 +380,16 @@ class TruthfulnessProbe(Probe):
         out["mc1"] = np.asarray(mc1, dtype=float)
         out["mc2"] = np.asarray(mc2, dtype=float)
 
+    #: Attribution through before/after pseudo-pairs (alignscope.attribute.pseudo_pairs): each item's
+    #: greedy answer and its similarity to the closest correct reference (higher = better).
+    generation_output = ("answer", "max_sim_to_correct", False)
+
+    def output_request(self, row: pd.Series, text: str) -> ScoreRequest:
+        """``text`` as a scored continuation of the context the greedy answer was generated from."""
+        chat = bool(self.options["generate_chat"])
+        return ScoreRequest(self._generate_context(row["question"]), text if chat else " " + text, chat=chat,
+                            system=self.options["system"] if chat else None)
+
     def _generate(self, engine: Engine, items: pd.DataFrame, out: pd.DataFrame) -> None:
         """Greedy one-line answers on the generation subset, scored against the correct references."""
         o = self.options
