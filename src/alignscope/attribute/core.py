@@ -286,24 +286,23 @@ def _compute(run: RunDir, stage: Any, lm: Any, objective: Any, pairs: list[Any],
     else:
         gs, mgrad = checkpoints[-1][1], None
         logps = _logprobs(lm, requests, batch_tokens)
-    v = mgrad
     scores: dict[str, est.Scores | np.ndarray] = {}
     clock = time.perf_counter()
-    products = est.side_products(gs, v) if v is not None else {}
+    products = est.side_products(gs, mgrad) if mgrad is not None else {}
     for name in estimators:
         start = time.perf_counter()
         if name == "gradsim_dot":
-            scores[name] = est.gradsim_dot(gs, v, products)
+            scores[name] = est.gradsim_dot(gs, mgrad, products)
         elif name == "gradsim_cosine":
-            scores[name] = est.gradsim_cosine(gs, v, products)
+            scores[name] = est.gradsim_cosine(gs, mgrad, products)
         elif name == "margin":
-            scores[name] = est.margin(gs, v, products)
+            scores[name] = est.margin(gs, mgrad, products)
         elif name == "self_influence":
             scores[name] = est.self_influence(gs)
         elif name == "datainf":
-            scores[name] = est.datainf(gs, v)
+            scores[name] = est.datainf(gs, mgrad)
         elif name == "ekfac_onepass":
-            scores[name] = est.ekfac_onepass(gs, v)
+            scores[name] = est.ekfac_onepass(gs, mgrad)
         elif name == "tracin":
             scores[name] = est.tracin(checkpoints)
         elif name in ("ekfac", "kfac"):

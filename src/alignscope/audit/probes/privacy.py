@@ -463,8 +463,7 @@ class PrivacyProbe(Probe):
     def _exposure_rows(self, items: pd.DataFrame) -> pd.DataFrame:
         """The canary rows behind ``exposure`` (see :meth:`_canary_columns`), or an InputError if none."""
         needed = {"kind", "item_id", "canary_format", "secret"}
-        canaries = _rows_of_kind(items, ("canary",))
-        rows = canaries if len(canaries) else _rows_of_kind(items, ("canary_baseline",))
+        rows = _rows_of_kind(items, (_exposure_kind(items),))
         if not len(rows) or not needed <= set(rows.columns) or rows[list(needed)].isna().any(axis=None):
             raise InputError("privacy probe: canary_exposure needs canary rows (item_id, canary_format, secret) "
                              "in the items table to rebuild its candidates; attribute secret_preference instead")
@@ -472,9 +471,7 @@ class PrivacyProbe(Probe):
 
     def _canary_columns(self, out: pd.DataFrame) -> None:
         """``exposure`` = planted canaries if any are configured, else the fresh baseline ones."""
-        planted = (out["kind"] == "canary").any()
-        metric_kind = "canary" if planted else "canary_baseline"
-        out["exposure"] = np.where(out["kind"] == metric_kind, out["exposure_bits"], np.nan)
+        out["exposure"] = np.where(out["kind"] == _exposure_kind(out), out["exposure_bits"], np.nan)
         out["exposure_control"] = np.where(out["kind"] == "canary_baseline", out["exposure_bits"], np.nan)
 
     # ------------------------------------------------------------------ reporting
@@ -516,6 +513,12 @@ class PrivacyProbe(Probe):
                 "privacy_instruction": PRIVACY_INSTRUCTION, "n_scenarios": int((out["kind"] == "pii").sum()),
                 "n_canaries": int((out["kind"] != "pii").sum()), "n_canary_candidates": int(o["n_canary_candidates"]),
                 "faker_version": faker.VERSION, "locale": o["locale"], "chat": bool(o["chat"])}
+
+
+def _exposure_kind(items: pd.DataFrame) -> str:
+    """The canary rows ``exposure`` reports (and attribution explains): planted ones if any, else the baseline."""
+    planted = "kind" in items and bool((items["kind"] == "canary").any())
+    return "canary" if planted else "canary_baseline"
 
 
 def _rows_of_kind(items: pd.DataFrame, kinds: Sequence[str]) -> pd.DataFrame:
