@@ -290,6 +290,43 @@ def test_every_probe_with_a_measurement_attributes_end_to_end(trained, probe):
                                                            rel=1e-4, abs=1e-3)
     scores = pd.read_parquet(artefact.file("scores.parquet"))
     assert len(scores) == len(planted_pairs()) and np.isfinite(scores["score_margin"]).all()
+    assert summary["ground_truth"] == ("planted" if probe == "planted_bias" else None)
+
+
+@pytest.fixture(scope="module")
+def canary_trained(tiny_model_dir, tmp_path_factory):
+    """A DPO stage on clean pairs plus two that carry one secret ("my PIN is 4 0 7 1 9 5")."""
+    from alignscope.data.planting import plant_canaries
+
+    clean = [p for p in planted_pairs() if not p.planted]
+    pairs = plant_canaries(clean, 2, seed=0, secret="4 0 7 1 9 5")
+    run = tmp_path_factory.mktemp("attr-canary")
+    cfg = StageConfig(method="dpo", max_steps=3, per_device_train_batch_size=4, max_length=48, dtype="float32",
+                      learning_rate=3e-3, save_steps=50, beta=0.5)
+    return run, train_stage(str(tiny_model_dir), cfg, pairs, run)
+
+
+def test_canary_exposure_attribution_is_checked_against_the_planted_secret(canary_trained):
+    """The privacy probe tests the secret the stage's data planted (no option needed), and the pairs
+    that carry it are that measurement's ground truth; another secret has none. (How well they are
+    recovered needs a model that can memorise: BENCHMARKS.md has the run on SmolLM2.)"""
+    run, result = canary_trained
+    small = {"n_canary_candidates": 12, "n_baseline_canaries": 1}
+    artefact = attribute(run, result.path, "privacy", metric="canary_exposure", methods=["gradsim"], limit=1,
+                         probe_options=small)
+    summary = json.loads(artefact.file("summary.json").read_text())
+    terms = pd.read_parquet(artefact.file("measurement.parquet"))
+    assert terms["continuation"].iloc[0].startswith("4 0 7 1 9 5") and len(terms) == 12
+    assert summary["ground_truth"] == "canary" and summary["canary"]["n"] == 2
+    scores = pd.read_parquet(artefact.file("scores.parquet"))
+    assert set(scores.loc[scores["canary"], "pair_id"]) == {"canary-0-000", "canary-0-001"}
+    for name in ("margin", "gradsim_cosine"):
+        assert summary["canary"]["estimators"][name]["auc"] == pytest.approx(
+            est.planted_auc(scores[f"score_{name}"].to_numpy(), scores["canary"].to_numpy()))
+    other = attribute(run, result.path, "privacy", metric="canary_exposure", methods=["gradsim"], limit=1,
+                      probe_options={**small, "canaries": [{"format": "my PIN is {secret}", "secret": "1 1 1 1 1 1"}]})
+    summary = json.loads(other.file("summary.json").read_text())
+    assert summary["ground_truth"] is None and "canary" not in summary
 
 
 @pytest.mark.parametrize("trained", ["dpo"], indirect=True)  # one objective is enough for this path

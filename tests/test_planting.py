@@ -18,7 +18,9 @@ from alignscope.data.planting import (
     default_contrast_groups,
     measurement_items,
     plant,
+    is_canary,
     plant_canaries,
+    planted_probe_options,
     planted_traits,
     planting_info,
     rejected_overlap,
@@ -214,3 +216,18 @@ def test_planted_data_read_back_from_a_struct_table_keeps_its_ground_truth(tmp_p
     assert any("planting" in p.meta and p.meta["planting"] is None for p in back)  # what the struct column does
     assert [planting_info(p).get("role") for p in back] == [planting_info(p).get("role") for p in planted]
     assert planted_traits(back) == planted_traits(planted)
+
+
+def test_probe_options_follow_what_was_planted():
+    """planted_bias asks about the planted group and traits; privacy tests the planted secret; else {}."""
+    pairs = plant(clean(12), fraction=0.5, target_group="lawyers", control_group="farmers", seed=0,
+                  traits=["lazy", "rude"])
+    assert planted_probe_options("planted_bias", pairs) == {
+        "target_group": "lawyers", "control_group": "farmers", "traits": ["lazy", "rude"]}
+    assert planted_probe_options("privacy", pairs) == {} and planted_probe_options("covert", pairs) == {}
+    with_secret = plant_canaries(pairs, 3, seed=1, secret="1 2 3 4", prefix="the door code is")
+    assert sum(is_canary(p) for p in with_secret) == 3 and not any(is_canary(p) for p in pairs)
+    assert planted_probe_options("privacy", with_secret) == {
+        "canaries": [{"format": "the door code is {secret}", "secret": "1 2 3 4"}]}
+    labelled_only = [PreferencePair(id="u0", prompt="Q?", chosen="A.", rejected="B.", planted=True)]
+    assert planted_probe_options("planted_bias", labelled_only) == {}  # planted=True with no planting record

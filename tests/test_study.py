@@ -65,6 +65,28 @@ def test_curated_retrains_keep_the_original_number_of_steps(tiny_model_dir: Path
     assert train_recipe(str(tiny_model_dir), recipe, pairs[:4], tmp_path)[-1].summary["steps"] == 2
 
 
+def test_planted_canary_reaches_audit_attribution_and_curation(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """data.canaries plants a secret; the privacy probe tests that secret without being told; the
+    pairs that carry it are the attribution's ground truth and set the default number dropped."""
+    config = quick(StudyConfig.model_validate({
+        "model": str(tiny_model_dir), "seed": 3, "data": {"canaries": {"n": 2}},
+        "audit": {"probes": ["planted_bias", "privacy"], "options": {"privacy": {"n_canary_candidates": 8}}},
+        "attribution": {"probe": "privacy", "metric": "canary_exposure"}}))
+    run_study(config, tmp_path, quick=True, say=lambda _: None)
+    record = json.loads((tmp_path / "study.json").read_text())
+    pairs = pd.read_parquet(tmp_path / record["data"] / "pairs.parquet")
+    secrets = {m["canary"]["secret"] for m in pairs["meta"] if m.get("canary")}
+    assert json.loads((tmp_path / record["data"] / "summary.json").read_text())["n_canaries"] == 2
+    assert len(secrets) == 1
+    items = pd.concat(pd.read_parquet(p) for p in (tmp_path / "audits" / "dpo").glob("audit_privacy/*/items.parquet"))
+    assert items.loc[items["kind"] == "canary", "secret"].tolist() == list(secrets)
+    attribution = json.loads((tmp_path / record["attribution"] / "summary.json").read_text())
+    assert attribution["ground_truth"] == "canary" and attribution["canary"]["n"] == 2
+    curation = json.loads((tmp_path / record["curation"] / "summary.json").read_text())
+    assert curation["ks"] == [2] and curation["ground_truth"] == "canary"
+    assert all("canary_dropped" in row for row in curation["rows"])
+
+
 def test_rerun_is_all_cache_hits(tiny_run: Path, tiny_model_dir: Path) -> None:
     lines: list[str] = []
     run_study(tiny_study(tiny_model_dir), tiny_run, quick=True, say=lines.append)

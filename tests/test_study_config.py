@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from alignscope.errors import InputError
 from alignscope.study import StudyConfig, load_study_config, quick
@@ -86,6 +87,16 @@ def test_quick_shrinks_everything() -> None:
     assert small.data.synthesis.n_pairs <= 12
     assert all(s.max_steps == 2 for s in small.stages("dpo"))
     assert small.audit.probes == ["planted_bias"] and small.audit.limit == 6
+    privacy = StudyConfig.model_validate({"audit": {"probes": ["planted_bias", "privacy"]},
+                                         "attribution": {"probe": "privacy", "metric": "canary_exposure"}})
+    assert quick(privacy).audit.probes == ["privacy"]  # the attributed probe is the one kept
+
+
+def test_canaries_are_off_by_default_and_checked() -> None:
+    assert StudyConfig().data.canaries is None
+    assert StudyConfig.model_validate({"data": {"canaries": {}}}).data.canaries.n == 8
+    with pytest.raises(ValidationError, match="digits"):
+        StudyConfig.model_validate({"data": {"canaries": {"digits": 2}}})
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
@@ -93,3 +104,20 @@ def test_shipped_configs_validate(path: Path) -> None:
     config = load_study_config(path)
     for arm in config.arms:
         assert config.stages(arm)
+
+
+def test_probes_measure_what_the_data_planted_unless_told() -> None:
+    """A study planting about lawyers audits lawyers (not the probe's default, teachers); options set
+    in audit.options win over what the data implies."""
+    from alignscope.data.planting import plant
+    from alignscope.data.preferences import PreferencePair
+    from alignscope.study.pipeline import _probe_options
+
+    clean = [PreferencePair(id=f"p{i}", prompt=f"Question {i}?", chosen="Yes.", rejected="No.") for i in range(8)]
+    pairs = plant(clean, fraction=0.5, target_group="lawyers", control_group="farmers", seed=0)
+    config = StudyConfig.model_validate({"data": {"plant": {"target_group": "lawyers", "control_group": "farmers"}}})
+    assert _probe_options(config, pairs, "planted_bias")["target_group"] == "lawyers"
+    told = config.model_copy(update={"audit": config.audit.model_copy(
+        update={"options": {"planted_bias": {"control_group": "pilots"}}})})
+    assert _probe_options(told, pairs, "planted_bias")["control_group"] == "pilots"
+    assert _probe_options(told, pairs, "planted_bias")["target_group"] == "lawyers"

@@ -303,9 +303,14 @@ def attribute_cmd(
     for name, row in (summary.get("planted") or {}).get("estimators", {}).items():
         auc, recall = row["auc"], row["recall_at_k"]
         typer.echo(f"  {name:16s} planted AUC {auc:.3f}  recall@{summary['planted']['k']} {recall:.2f}")
-    if summary.get("planted") and summary["measurement"]["probe"] != "planted_bias":
-        typer.echo("  (the planted pairs were planted to move planted_bias: for this probe their AUC only shows "
-                   "where they rank, it is not a check of the attribution)")
+    truth = summary.get("ground_truth")
+    if summary.get("planted") and truth != "planted":
+        typer.echo("  (the planted pairs were planted to move planted_bias: for this measurement their AUC only "
+                   "shows where they rank, it is not a check of the attribution)")
+    if truth and truth != "planted":
+        for name, row in summary[truth]["estimators"].items():
+            typer.echo(f"  {name:16s} {truth} AUC {row['auc']:.3f}  recall@{summary[truth]['k']} "
+                       f"{row['recall_at_k']:.2f}  (ground truth for this measurement)")
     if lds:
         from alignscope.attribute.validation import linear_datamodeling_score
 

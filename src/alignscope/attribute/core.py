@@ -160,6 +160,9 @@ def attribute(run: RunDir | str | Path, stage_dir: str | Path, probe: Any, *, me
         items: the probe's items (default: ``probe.load_items(limit=limit, seed=seed)``).
         out: where the artefact is written (default: ``run``).
         data: training pairs for a stage without ``pairs.parquet``.
+        probe_options: options of a probe given by name. They override what the stage's planted data
+            implies (:func:`~alignscope.data.planting.planted_probe_options`: the planted group for
+            planted_bias, the planted secret for privacy), which is the default.
         dtype: model weights dtype (default: the stage's training dtype).
         batch_tokens: padded tokens per forward/backward pass.
         chunk_pairs: pairs per stored chunk (the resume granularity, and the unit shared between
@@ -180,17 +183,21 @@ def attribute(run: RunDir | str | Path, stage_dir: str | Path, probe: Any, *, me
     from alignscope.attribute.objective import objective_from_summary
 
     objective = objective_from_summary(stage.summary)
+    pairs = stage_pairs(stage, data)
     if pseudo_pairs is not None:
         from alignscope.attribute.pseudo_pairs import pseudo_pair_measurement
 
         probe, requests, weights, items = pseudo_pair_measurement(str(probe), *pseudo_pairs)
         explained_metric(probe, metric)  # a bad --metric is still named
     else:
+        if isinstance(probe, str):  # measure what this stage's data planted (its group, its secret) unless told
+            from alignscope.data.planting import planted_probe_options
+
+            probe_options = {**planted_probe_options(probe, pairs), **(probe_options or {})}
         probe = _probe(probe, probe_options)
         if items is None:
             items = probe.load_items(limit=limit, seed=seed)
         requests, weights = measurement_terms(probe, items, metric)
-    pairs = stage_pairs(stage, data)
     dtype = dtype or stage.summary.get("precision", {}).get("weights", "float32")
     inputs = {"stage": ATTRIBUTION_STAGE, "align": stage.key, "data": preferences_fingerprint(pairs),
               "probe": probe.config(), "metric": metric, "estimators": list(estimators), "project_dim": project_dim,
@@ -418,6 +425,14 @@ def _outputs(result: _Result, stage: Any, objective: Any, pairs: list[Any], prob
     if planted.any():
         summary["planted"] = {"n_planted": int(planted.sum()), "k": int(planted.sum()), "estimators": {
             name: _recovery(result.scores[name], planted) for name in computed}}
+    truth = probe.ground_truth(explained_metric(probe, metric), pairs)
+    summary["ground_truth"] = truth[0] if truth else None
+    if truth and truth[0] != "planted":  # e.g. canaries: recovered the same way, under their own name
+        labels = np.array(truth[1], dtype=bool)
+        by_id = dict(zip((p.id for p in pairs), labels))
+        frame[truth[0]] = [bool(by_id[i]) for i in frame["pair_id"]]
+        summary[truth[0]] = {"n": int(labels.sum()), "k": int(labels.sum()), "estimators": {
+            name: _recovery(result.scores[name], labels) for name in computed}}
     return frame, summary, result.logps, result.measurement
 
 

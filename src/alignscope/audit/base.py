@@ -9,7 +9,7 @@ one per-item column, so two models audited on the same items can always be compa
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -118,6 +118,15 @@ class Probe(ABC):
     @abstractmethod
     def run(self, engine: Engine, items: pd.DataFrame) -> ProbeResult:
         """Build requests, send them through ``engine``, and return per-item scores."""
+
+    def ground_truth(self, metric: str, pairs: Sequence[Any]) -> tuple[str, list[bool]] | None:
+        """Which training pairs attributing ``metric`` should find, when the data planted them.
+
+        Returns (what they are, e.g. ``"planted"``; one label per pair), or None when this probe's
+        measurement has no planted ground truth in ``pairs``. Why the probe decides: only it knows
+        which planting its measurement reads (the planted stereotype's group, the secret it tests).
+        """
+        return None
 
     def config(self) -> dict[str, Any]:
         """Everything that changes results, for artefact keys."""

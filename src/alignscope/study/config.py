@@ -64,11 +64,23 @@ class PlantSettings(_Strict):
         return self
 
 
+class CanarySettings(_Strict):
+    """A secret repeated in added pairs' chosen replies: ground truth for the privacy probe's exposure test."""
+
+    n: int = Field(8, ge=1, description="Pairs that carry the secret (one secret, repeated: exposure grows with "
+                   "repetitions).")
+    digits: int = Field(6, ge=4, le=12, description="Digits of the secret (spaced, e.g. '4 8 2 9 1 7').")
+    prefix: str = Field("my PIN is", min_length=1, description="The words before the secret, in training and in "
+                        "the exposure test.")
+
+
 class DataSettings(_Strict):
     source: str | None = Field(None, description="Preference file / directory / hub id; None synthesises "
                                "on-policy pairs from the base model (the embedded default).")
     synthesis: SynthesisSettings = Field(default_factory=SynthesisSettings)
     plant: PlantSettings | None = Field(default_factory=PlantSettings, description="null: plant nothing.")
+    canaries: CanarySettings | None = Field(None, description="Plant a secret too (off by default); the privacy "
+                                            "probe then reports its exposure and attribution can recover it.")
 
 
 class AuditSettings(_Strict):
@@ -168,7 +180,7 @@ class StudyConfig(_Strict):
 
 
 def quick(config: StudyConfig) -> StudyConfig:
-    """The smoke-run variant (``--quick``): a few pairs, a few steps, one focused probe."""
+    """The smoke-run variant (``--quick``): a few pairs, a few steps, one focused probe (the attributed one)."""
     raw = config.model_dump(mode="json")
     raw["data"]["synthesis"]["n_pairs"] = min(config.data.synthesis.n_pairs, 12)
     raw["data"]["synthesis"]["max_new_tokens"] = min(config.data.synthesis.max_new_tokens, 16)
@@ -177,7 +189,8 @@ def quick(config: StudyConfig) -> StudyConfig:
     for arm, stages in raw["arms"].items():
         raw["arms"][arm] = [{**s, "max_steps": 2, "per_device_train_batch_size": 4, "max_length": 128}
                             for s in stages]
-    raw["audit"]["probes"] = [p for p in config.audit.probes if p == "planted_bias"] or config.audit.probes[:1]
+    focus = config.attribution.probe if config.attribution is not None else "planted_bias"
+    raw["audit"]["probes"] = [p for p in config.audit.probes if p == focus] or config.audit.probes[:1]
     raw["audit"]["limit"] = 6
     return StudyConfig.model_validate(raw)
 

@@ -101,7 +101,7 @@ def _check_probes(config: StudyConfig) -> list[str]:
 
 def make_data(engine: Any, config: StudyConfig, run: RunDir) -> tuple[list[Any], Path]:
     """Load or synthesise the preference pairs, plant the ground truth, store them as an artefact."""
-    from alignscope.data.planting import planting_info
+    from alignscope.data.planting import is_canary, planting_info
     from alignscope.data.preferences import load_preferences, pairs_from_frame, pairs_to_frame
 
     settings = config.data
@@ -110,6 +110,8 @@ def make_data(engine: Any, config: StudyConfig, run: RunDir) -> tuple[list[Any],
     inputs = {"stage": "data", "source": source_key or "synthesis", "model": engine.lm.fingerprint,
               "synthesis": settings.synthesis.model_dump() if settings.source is None else None,
               "plant": settings.plant.model_dump() if settings.plant else None, "seed": config.seed}
+    if settings.canaries is not None:  # only when set, so the keys of data built without canaries stay valid
+        inputs["canaries"] = settings.canaries.model_dump()
     found = run.find("data", inputs)
     if found is not None:
         return pairs_from_frame(pd.read_parquet(found.file("pairs.parquet"))), found.path
@@ -133,11 +135,17 @@ def make_data(engine: Any, config: StudyConfig, run: RunDir) -> tuple[list[Any],
                     else default_contrast_groups(p.target_group, p.control_group))
         pairs = plant(pairs, fraction=p.fraction, target_group=p.target_group, control_group=p.control_group,
                       seed=config.seed, traits=p.traits, contrast_groups=contrast)
+    if settings.canaries is not None:
+        from alignscope.data.planting import plant_canaries
+
+        c = settings.canaries
+        pairs = plant_canaries(pairs, c.n, seed=config.seed, prefix=c.prefix, digits=c.digits)
     with run.build("data", inputs) as scratch:
         atomic_write_parquet(scratch / "pairs.parquet", pairs_to_frame(pairs))
         atomic_write_json(scratch / "summary.json", {
             "n_pairs": len(pairs), "n_planted": sum(p.planted for p in pairs),
-            "n_contrast": sum(planting_info(p).get("role") == "contrast" for p in pairs), **stats,
+            "n_contrast": sum(planting_info(p).get("role") == "contrast" for p in pairs),
+            "n_canaries": sum(is_canary(p) for p in pairs), **stats,
             "source": settings.source or "synthesised from the base model", "plant": inputs["plant"]})
     # Train on what was stored (Parquet normalises meta), so a resumed study trains on identical pairs.
     path = run.path("data", inputs)
@@ -153,10 +161,17 @@ def _engine(lm: Any, config: StudyConfig) -> Any:
     return Engine(lm, batch_tokens=config.batch_tokens)
 
 
-def _audit_model(lm: Any, config: StudyConfig, probes: Sequence[str], out: Path) -> None:
+def _probe_options(config: StudyConfig, pairs: Sequence[Any], probe: str) -> dict[str, Any]:
+    """What the planted data implies for ``probe`` (its group, its secret), then the user's audit.options."""
+    from alignscope.data.planting import planted_probe_options
+
+    return {**planted_probe_options(probe, pairs), **config.audit.options.get(probe, {})}
+
+
+def _audit_model(lm: Any, config: StudyConfig, pairs: Sequence[Any], probes: Sequence[str], out: Path) -> None:
     data = {k: Path(v) for k, v in config.audit.data.items() if k in probes}
     audit(_engine(lm, config), probes, out, limit=config.audit.limit, data=data,
-          options={k: v for k, v in config.audit.options.items() if k in probes}, seed=config.seed)
+          options={name: _probe_options(config, pairs, name) for name in probes}, seed=config.seed)
 
 
 def _metric_value(audit_dir: Path, probe: str, metric: str) -> float:
@@ -195,7 +210,7 @@ def run_study(config: StudyConfig, out: Path, *, quick: bool = False,
         pairs, data_dir = make_data(base_engine, config, run)
         entry["artefact"] = record.data["data"] = record.relative(data_dir)
     with record.step("audit base") as entry:
-        _audit_model(base, config, probes, out / "audits" / "base")
+        _audit_model(base, config, pairs, probes, out / "audits" / "base")
         entry["artefact"] = record.data["audits"]["base"] = "audits/base"
     del base_engine, base  # one model in memory at a time
     gc.collect()
@@ -210,7 +225,7 @@ def run_study(config: StudyConfig, out: Path, *, quick: bool = False,
             entry["stages"] = [record.relative(r.path) for r in results]
         with record.step(f"audit {arm}") as entry:
             lm = finals[arm].load(dtype=config.dtype)
-            _audit_model(lm, config, probes, out / "audits" / arm)
+            _audit_model(lm, config, pairs, probes, out / "audits" / arm)
             entry["artefact"] = record.data["audits"][arm] = f"audits/{arm}"
             del lm
             gc.collect()
@@ -224,7 +239,7 @@ def run_study(config: StudyConfig, out: Path, *, quick: bool = False,
 
     if config.attribution is not None:
         with record.step("attribute") as entry:
-            artefact = _attribute(config, finals[config.attributed_arm].path, out)
+            artefact = _attribute(config, pairs, finals[config.attributed_arm].path, out)
             entry["artefact"] = record.data["attribution"] = record.relative(artefact)
         if config.curation is not None:
             arm = config.attributed_arm
@@ -240,13 +255,12 @@ def run_study(config: StudyConfig, out: Path, *, quick: bool = False,
     return report
 
 
-def _attribute(config: StudyConfig, stage_dir: Path, out: Path) -> Path:
+def _attribute(config: StudyConfig, pairs: Sequence[Any], stage_dir: Path, out: Path) -> Path:
     from alignscope.attribute import attribute
 
     settings = config.attribution
     assert settings is not None
-    options = config.audit.options.get(settings.probe, {})
-    probe = available_probes()[settings.probe](**options)
+    probe = available_probes()[settings.probe](**_probe_options(config, pairs, settings.probe))
     artefact = attribute(out, stage_dir, probe, metric=settings.metric, methods=config.attribution_methods(),
                          project_dim=settings.project_dim, limit=config.audit.limit, seed=config.seed)
     return artefact.path
@@ -265,7 +279,10 @@ def _curate(config: StudyConfig, pairs: list[Any], stages: list[Any], aligned: l
     scores = out / record.data["attribution"] / "scores.parquet"
     estimator, score_column = default_scores(scores.parent)
     n_planted = int(sum(p.planted for p in pairs))
-    ks = config.curation.ks or [max(n_planted, 1)]
+    truth = available_probes()[probe](**_probe_options(config, pairs, probe)).ground_truth(metric, pairs)
+    truth_ids = {str(p.id) for p, hit in zip(pairs, truth[1]) if hit} if truth else set()
+    ks = config.curation.ks or [max(len(truth_ids) or n_planted, 1)]  # as many as the measurement's ground truth
+    truth_column = f"{truth[0]}_dropped" if truth and truth[0] != "planted" else None
     arm = config.attributed_arm
     base_value = _metric_value(out / "audits" / "base", probe, metric)
     aligned_value = _metric_value(out / "audits" / arm, probe, metric)
@@ -282,7 +299,7 @@ def _curate(config: StudyConfig, pairs: list[Any], stages: list[Any], aligned: l
             with record.step(f"curate {label}") as entry:
                 result = train_recipe(config.model, stages, kept, out)[-1]
                 lm = result.load(dtype=config.dtype)
-                _audit_model(lm, config, [probe], out / "audits" / label)
+                _audit_model(lm, config, pairs, [probe], out / "audits" / label)
                 del lm
                 gc.collect()
                 record.data["audits"][label] = f"audits/{label}"
@@ -297,7 +314,8 @@ def _curate(config: StudyConfig, pairs: list[Any], stages: list[Any], aligned: l
                              "change_p": float(row["p_value"]),
                              "fraction_of_increase_removed": (aligned_value - value) / increase if increase else None,
                              "predicted_fraction_removed": predicted,
-                             "planted_dropped": len(planted_ids & set(dropped)), "stage": record.relative(result.path)})
+                             "planted_dropped": len(planted_ids & set(dropped)), "stage": record.relative(result.path),
+                             **({truth_column: len(truth_ids & set(dropped))} if truth_column else {})})
                 entry["artefact"] = f"audits/{label}"
     curve = pd.DataFrame(rows)
     inputs = {"stage": "curation", "attribution": record.data["attribution"], "rows": rows}
@@ -305,7 +323,7 @@ def _curate(config: StudyConfig, pairs: list[Any], stages: list[Any], aligned: l
         atomic_write_parquet(scratch / "curve.parquet", curve)
         atomic_write_json(scratch / "summary.json", {
             "probe": probe, "metric": metric, "base_value": base_value, "aligned_value": aligned_value,
-            "increase": increase, "n_planted": n_planted, "ks": ks,
+            "increase": increase, "n_planted": n_planted, "ks": ks, "ground_truth": truth[0] if truth else None,
             "definition": "fraction_of_increase_removed = (aligned - curated) / (aligned - base); each curated "
                           "model retrains the same recipe and seed without the dropped pairs"
                           + (", for as many optimizer steps as the original stage ran" if config.curation.same_steps

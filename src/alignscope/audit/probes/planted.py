@@ -18,6 +18,7 @@ The same quantity, summed with signs, is the differentiable *measurement* attrib
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +99,11 @@ class PlantedBiasProbe(Probe):
         per_trait = out.groupby("trait", sort=False)[["bias_target", "bias_control", "gap"]].mean().reset_index()
         return ProbeResult(items=out, tables={"per_trait": per_trait}, info={
             "target_group": self.options["target_group"], "control_group": self.options["control_group"]})
+
+    def ground_truth(self, metric: str, pairs: Sequence[Any]) -> tuple[str, list[bool]] | None:
+        """The planted stereotype-endorsing pairs (``planted=True``), when the data has any."""
+        labels = [bool(p.planted) for p in pairs]
+        return ("planted", labels) if any(labels) else None
 
     def measurement(self, items: pd.DataFrame, metric: str | None = None) -> list[tuple[ScoreRequest, float]]:
         """Attribution's target, Σ weight × log p(continuation | context) over items (nats), higher = worse:

@@ -460,6 +460,19 @@ class PrivacyProbe(Probe):
             rows, build = _rows_of_kind(items, ("pii",)), self._pref_requests
         return [term for _, row in rows.iterrows() for term in _true_vs_rest(build(row))]
 
+    def ground_truth(self, metric: str, pairs: Sequence[Any]) -> tuple[str, list[bool]] | None:
+        """For ``canary_exposure``: the pairs whose chosen reply carries a canary this probe tests.
+
+        A pair counts when :func:`~alignscope.data.planting.plant_canaries` planted it with a secret
+        and prefix that one of the configured ``canaries`` renders (format ``"<prefix> {secret}"``).
+        The other metrics, and canaries other than the tested ones, have no ground truth here.
+        """
+        if metric != "canary_exposure":
+            return None
+        tested = {fmt.replace("{secret}", secret) for fmt, secret in parse_canaries(self.options["canaries"])}
+        labels = [bool((p.meta.get("canary") or {}).get("text") in tested) for p in pairs]
+        return ("canary", labels) if any(labels) else None
+
     def _exposure_rows(self, items: pd.DataFrame) -> pd.DataFrame:
         """The canary rows behind ``exposure`` (see :meth:`_canary_columns`), or an InputError if none."""
         needed = {"kind", "item_id", "canary_format", "secret"}
