@@ -85,6 +85,8 @@ def test_planted_canary_reaches_audit_attribution_and_curation(tiny_model_dir: P
     curation = json.loads((tmp_path / record["curation"] / "summary.json").read_text())
     assert curation["ks"] == [2] and curation["ground_truth"] == "canary"
     assert all("canary_dropped" in row for row in curation["rows"])
+    report = (tmp_path / "report.html").read_text()
+    assert "Canary-pair recovery per estimator (k = 2, canary pairs = 2); the ground truth" in report
 
 
 def test_rerun_is_all_cache_hits(tiny_run: Path, tiny_model_dir: Path) -> None:

@@ -170,9 +170,7 @@ def attribution(sources: RunSources) -> Section:
     default = summary.get("default_estimator") or summary.get("default") or (estimators[0] if estimators else None)
     section = Section("attribution", title, intro=str(summary.get("sign_convention") or (
         "A positive score means up-weighting the pair moves the metric in the direction the probe calls worse.")))
-    recovery = _recovery_table(summary, summary_src)
-    if recovery is not None:
-        section.parts.append(recovery)
+    section.parts.extend(_recovery_tables(summary, summary_src))
     details = {k: summary[k] for k in ("method", "measurement", "n_pairs", "timings") if k in summary}
     if details:
         section.parts.append(kv_table("What was explained, and timings (seconds)", details, [summary_src]))
@@ -183,29 +181,41 @@ def attribution(sources: RunSources) -> Section:
         section.parts.append(Plot("plot-attribution-recovery", "Every training pair's score under each estimator; "
                                   "planted pairs (known ground truth) should sit at the high end.", [scores_src], data,
                                   plots.recovery("plot-attribution-recovery", data)))
-    section.parts.append(_top_pairs(scores, default, scores_src))
+    section.parts.append(_top_pairs(scores, default, scores_src, summary.get("ground_truth")))
     return section
 
 
-def _recovery_table(summary: dict[str, Any], source: str) -> Table | None:
-    """Per-estimator planted-pair recovery (AUC, recall@k, …) as stored, whatever fields it has."""
-    planted = summary.get("planted")
-    per = planted.get("estimators") if isinstance(planted, dict) else None
-    if not isinstance(per, dict) or not per:
-        return None
-    fields = list(dict.fromkeys(k for stats in per.values() for k, _ in flatten(stats)))
-    rows = [[name, *[dict(flatten(stats)).get(f) for f in fields]] for name, stats in per.items()]
-    k = planted.get("k")
-    caption = "Planted-pair recovery per estimator" + (f" (k = {k}, planted pairs = {planted.get('n_planted')})"
-                                                        if k is not None else "")
-    return Table(caption, [Column("estimator")] + [Column(f) for f in fields], rows, [source])
+def _recovery_tables(summary: dict[str, Any], source: str) -> list[Table]:
+    """Per-estimator recovery (AUC, recall@k, …) of the planted pairs and, when the measurement has
+    another ground truth (e.g. ``canary``), of those pairs too, as stored, whatever fields they have."""
+    truth = summary.get("ground_truth")
+    kinds = ["planted"] + ([truth] if isinstance(truth, str) and truth != "planted" else [])
+    tables = []
+    for kind in kinds:
+        found = summary.get(kind)
+        per = found.get("estimators") if isinstance(found, dict) else None
+        if not isinstance(per, dict) or not per:
+            continue
+        fields = list(dict.fromkeys(k for stats in per.values() for k, _ in flatten(stats)))
+        rows = [[name, *[dict(flatten(stats)).get(f) for f in fields]] for name, stats in per.items()]
+        k, n = found.get("k"), found.get("n_planted", found.get("n"))
+        role = ("the ground truth of this measurement" if kind == truth else
+                "planted for planted_bias, not this measurement's ground truth" if truth is not None else None)
+        caption = (f"{kind.capitalize()}-pair recovery per estimator" + (f" (k = {k}, {kind} pairs = {n})"
+                                                                          if k is not None else "")
+                   + (f"; {role}" if role else ""))
+        tables.append(Table(caption, [Column("estimator")] + [Column(f) for f in fields], rows, [source]))
+    return tables
 
 
-def _top_pairs(scores: pd.DataFrame, default: str | None, source: str) -> Table:
+def _top_pairs(scores: pd.DataFrame, default: str | None, source: str, ground_truth: Any = None) -> Table:
     column = f"score_{default}" if default and f"score_{default}" in scores else None
     ordered = scores.sort_values("rank", kind="stable") if "rank" in scores else (
         scores.sort_values(column, ascending=False, kind="stable") if column else scores)
-    columns: list[Any] = ["rank", "pair_id", "planted", "group"] + ([column] if column else []) + ["loss", "margin"]
+    truth = [ground_truth] if isinstance(ground_truth, str) and ground_truth != "planted" and ground_truth in scores \
+        else []  # the labels of the measurement's own ground truth (e.g. canary), beside the planted ones
+    columns: list[Any] = ["rank", "pair_id", "planted", *truth, "group"] + ([column] if column else []) + ["loss",
+                                                                                                          "margin"]
     columns += [("prompt", "longtext"), ("chosen", "longtext"), ("rejected", "longtext")]
     return frame_table(f"Top {TOP_PAIRS} training pairs ({default or 'stored order'})", ordered.head(TOP_PAIRS),
                        columns, [source])
@@ -232,7 +242,8 @@ def curation(sources: RunSources) -> Section:
                               plots.curation("plot-curation-curve", data)))
     section.parts.append(frame_table("Curation curve", curve.sort_values(["metric", "arm", "k"], kind="stable"), [
         "metric", "arm", "k", "random_seed", "value", "change", "change_ci_low", "change_ci_high", ("change_p", "p"),
-        "fraction_of_increase_removed", "predicted_fraction_removed", "planted_dropped", "label"], [source]))
+        "fraction_of_increase_removed", "predicted_fraction_removed", "planted_dropped",
+        *[c for c in curve.columns if c.endswith("_dropped") and c != "planted_dropped"], "label"], [source]))
     try:
         section.parts.append(kv_table("Curation summary", sources.json(f"{rel}/summary.json"), [f"{rel}/summary.json"]))
     except MissingArtefact:
