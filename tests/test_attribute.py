@@ -401,6 +401,12 @@ def test_cli_attribute_and_curate(trained, tmp_path, capsys):
     assert cli(["attribute", "--run", str(run), "--stage", result.key, "--probe", "crows_pairs", "--method",
                 "gradsim", "--limit", "2"]) == 0
     assert "planted to move planted_bias" in capsys.readouterr().out  # other probes: planted AUC is no check
+    assert cli(["attribute", "--run", str(run), "--stage", result.key, "--probe", "privacy", "--method", "gradsim",
+                "--limit", "1", "--metric", "canary_exposure", "--option", "privacy.n_canary_candidates=6"]) == 0
+    assert "canary" not in capsys.readouterr().out  # no canary planted in this stage's data: no such ground truth
+    assert cli(["attribute", "--run", str(run), "--stage", result.key, "--probe", "privacy",
+                "--option", "privacy.colour=red"]) == 2
+    assert "unknown option" in capsys.readouterr().err
     # the artefact the command printed (a cache hit when another test made the same attribution first)
     attributed = Path(next(line for line in printed.splitlines() if line.startswith("attribution -> "))
                       .removeprefix("attribution -> "))

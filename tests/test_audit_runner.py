@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from alignscope.audit.base import Metric, Probe, ProbeResult, limit_items, percent, register, score_options
-from alignscope.audit.runner import audit, audited_probes, compare
+from alignscope.audit.runner import audit, audited_probes, available_probes, compare
 from alignscope.errors import InputError
 from alignscope.models import Engine, load
 
@@ -135,3 +135,11 @@ def test_compare_refuses_metrics_defined_differently(tiny_lm, tmp_path):
     path.write_text(json.dumps(summary))
     with pytest.raises(InputError, match="yes_margin.*differently"):
         compare(tmp_path / "a", tmp_path / "b")
+
+
+@pytest.mark.parametrize("name", sorted(n for n, cls in available_probes().items()
+                                         if cls.__module__.startswith("alignscope.")))  # not this file's doubles
+def test_every_probe_refuses_an_unknown_option(name):
+    """A misspelt option must not silently run the defaults (it is a user's --option or audit.options)."""
+    with pytest.raises(InputError, match="unknown option.*colour"):
+        available_probes()[name](colour="red")

@@ -111,6 +111,26 @@ def test_bad_cli_arguments(tmp_path):
     assert out.returncode == 2 and "Traceback" not in out.stderr and "--out" in out.stderr
 
 
+def test_probe_options_on_the_command_line(tiny_model_dir, tmp_path):
+    """--option PROBE.KEY=VALUE reaches the probe (text or JSON values); bad ones fail before the model
+    loads, in one line, with no run directory left behind."""
+    out = tmp_path / "run"
+    args = ["audit", "--model", str(tiny_model_dir), "--out", str(out), "--probes", "planted_bias",
+            "--dtype", "float32"]
+    for option, message, names in (("planted_bias=lawyers", "expected PROBE.KEY=VALUE", "planted_bias=lawyers"),
+                                   ("covert.k=3", "not in --probes", "covert"),
+                                   ("planted_bias.colour=red", "unknown option", "colour"),
+                                   ("planted_bias.traits=7", "traits", "")):
+        failed = run_cli(*args, "--option", option)
+        assert_one_line_error(failed, message, names)
+        assert not out.exists()
+    done = run_cli(*args, "--limit", "2", "--option", "planted_bias.target_group=lawyers",
+                   "--option", 'planted_bias.traits=["rude"]')
+    assert done.returncode == 0, done.stderr[-2000:]
+    items = pd.read_parquet(next(out.glob("audit_planted_bias/*/items.parquet")))
+    assert items["target_context"].str.contains("lawyers").all() and set(items["trait"]) == {"rude"}
+
+
 def assert_one_line_error(out: subprocess.CompletedProcess, message: str, names: str) -> None:
     assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
     assert "Traceback" not in out.stderr

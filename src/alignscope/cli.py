@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -32,6 +32,9 @@ ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Built-in name, loc
 AdapterOpt = Annotated[Optional[Path], typer.Option(help="PEFT adapter directory to attach.")]
 DtypeOpt = Annotated[str, typer.Option(help="auto, float32 or bfloat16 (auto: bf16 where the hardware has it).")]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Run directory to write into.")]
+OptionOpt = Annotated[Optional[list[str]], typer.Option(
+    help="PROBE.KEY=VALUE: a probe option (VALUE as JSON, else text), e.g. planted_bias.target_group=lawyers; "
+         "repeatable.")]
 
 
 @models_app.command("list")
@@ -98,30 +101,34 @@ def audit_cmd(
         help="Comma-separated probe names (see `probes list`), or 'all' (every probe with embedded data).")] = "all",
     limit: Annotated[Optional[int], typer.Option(help="Items per probe (seeded subset) for quick runs.")] = None,
     data: Annotated[Optional[list[str]], typer.Option(help="PROBE=PATH: run a probe on your own file.")] = None,
+    option: OptionOpt = None,
     seed: int = 0,
     dtype: DtypeOpt = "auto",
     batch_tokens: Annotated[int, typer.Option(help="Token budget per forward pass.")] = 4096,
 ) -> None:
     """Audit one model on bias and trust probes; per-item scores go to the run directory."""
-    from alignscope.audit.runner import audit, available_probes, parse_data_overrides, parse_probe_names
+    from alignscope.audit.runner import (audit, available_probes, parse_data_overrides, parse_option_overrides,
+                                         parse_probe_names)
     from alignscope.models import Engine, load
 
     defaults = [n for n, p in available_probes().items() if not p.requires_data]
     names = parse_probe_names(defaults if probes == "all" else probes)
     overrides = parse_data_overrides(data or [], names)
+    options = parse_option_overrides(option or [], names)
     if limit is not None and limit < 1:
         raise InputError(f"--limit {limit}: must be a positive number of items")
     if batch_tokens < 1:
         raise InputError(f"--batch-tokens {batch_tokens}: must be a positive number of tokens")
-    _preflight_probe_data(names, overrides, limit, seed)
+    _preflight_probe_data(names, overrides, options, limit, seed)
     lm = load(model, adapter=adapter, dtype=dtype)
     engine = Engine(lm, batch_tokens=batch_tokens)
     with _no_empty_run_dir(out):
-        done = audit(engine, names, out, limit=limit, data=overrides, seed=seed)
+        done = audit(engine, names, out, limit=limit, data=overrides, options=options, seed=seed)
     _print_audit(done)
 
 
-def _preflight_probe_data(names: list[str], overrides: dict[str, Path], limit: Optional[int], seed: int) -> None:
+def _preflight_probe_data(names: list[str], overrides: dict[str, Path], options: dict[str, dict[str, Any]],
+                          limit: Optional[int], seed: int) -> None:
     """Read every user-supplied probe file before the model loads.
 
     A typo on line 3 of a data file should cost a second, not a model load plus the probes that
@@ -131,7 +138,7 @@ def _preflight_probe_data(names: list[str], overrides: dict[str, Path], limit: O
 
     registry = available_probes()
     for name in names:
-        probe = registry[name]()
+        probe = registry[name](**options.get(name, {}))  # a bad option fails here, before the model loads
         if probe.requires_data and name not in overrides:
             raise InputError(f"probe {name} has no embedded data; pass --data {name}=PATH ({probe.data_formats})")
         if name in overrides:
@@ -166,7 +173,8 @@ def compare_cmd(
         for r in table.itertuples():
             star = "*" if r.significant else " "
             typer.echo(f"  {star} {r.probe}/{r.metric}: {r.value_a:.4g} -> {r.value_b:.4g} "
-                       f"(delta {r.delta:+.4g} [{r.ci_low:+.4g}, {r.ci_high:+.4g}], p_holm {r.p_holm:.3g}, {r.verdict})")
+                       f"(delta {r.delta:+.4g} [{r.ci_low:+.4g}, {r.ci_high:+.4g}], p_holm {r.p_holm:.3g}, "
+                       f"{r.verdict})")
         if out is not None:
             path = write_comparison(table, out / other.name if len(runs) > 2 else out, [runs[0], other])
             typer.echo(f"  -> {path}")
@@ -280,6 +288,7 @@ def attribute_cmd(
     = None,
     after: Annotated[Optional[Path], typer.Option(help="Generation probes: audit run directory of the aligned "
                                                   "model.")] = None,
+    option: OptionOpt = None,
 ) -> None:
     """Rank a stage's training pairs by how much each moved a probe's metric (positive = towards worse)."""
     from alignscope.attribute import attribute
@@ -293,8 +302,14 @@ def attribute_cmd(
         check_lds_settings(lds, lds_fraction)  # before the attribution, not after it
     if (before is None) != (after is None):
         raise InputError("--before and --after go together: the audit runs of the model before and after alignment")
+    from alignscope.audit.runner import parse_option_overrides
+
+    options = parse_option_overrides(option or [], [probe]).get(probe)
+    if options and before is not None:
+        raise InputError("--option does not apply with --before/--after: the probe runs with the options its audits "
+                         "stored")
     artefact = attribute(run, stage, probe, metric=metric, methods=method or list(DEFAULT_METHODS),
-                         project_dim=project_dim, limit=limit, seed=seed, data=data, out=out,
+                         probe_options=options, project_dim=project_dim, limit=limit, seed=seed, data=data, out=out,
                          pseudo_pairs=(before, after) if before is not None and after is not None else None)
     summary = json.loads(artefact.file("summary.json").read_text())
     default = summary["default_estimator"]

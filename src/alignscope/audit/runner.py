@@ -60,6 +60,28 @@ def parse_data_overrides(values: Sequence[str], probes: Sequence[str]) -> dict[s
     return out
 
 
+def parse_option_overrides(values: Sequence[str], probes: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``--option PROBE.KEY=VALUE`` settings, per probe, checked before any model is loaded.
+
+    VALUE is read as JSON when it parses (numbers, lists, ``{"format": ...}`` objects) and as text
+    otherwise, so ``--option planted_bias.target_group=lawyers`` needs no quotes.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for value in values:
+        target, sep, raw = value.partition("=")
+        name, dot, key = target.partition(".")
+        if not sep or not dot or not name or not key:
+            raise InputError(f"--option {value!r}: expected PROBE.KEY=VALUE, e.g. --option "
+                             "planted_bias.target_group=lawyers")
+        if name not in probes:
+            raise InputError(f"--option {value!r}: probe {name!r} is not in --probes ({', '.join(probes)})")
+        try:
+            out.setdefault(name, {})[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out.setdefault(name, {})[key] = raw
+    return out
+
+
 def audit(engine: Engine, probes: Sequence[str], out: Path, *, limit: int | None = None,
           data: dict[str, Path] | None = None, options: dict[str, dict[str, Any]] | None = None,
           seed: int = 0) -> dict[str, Artefact]:

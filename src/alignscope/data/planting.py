@@ -159,7 +159,8 @@ def rejected_overlap(text: str, groups: Iterable[str] = (), n: int = 3) -> set[t
     return mine & theirs
 
 
-def _check_groups(target_group: str, control_group: str) -> None:
+def check_groups(target_group: str, control_group: str) -> None:
+    """An InputError unless both are non-empty group names and differ (the control must be another group)."""
     for name, value in (("target_group", target_group), ("control_group", control_group)):
         if not isinstance(value, str) or not value.strip():
             raise InputError(f"{name} must be a non-empty group name such as 'teachers', got {value!r}")
@@ -168,14 +169,18 @@ def _check_groups(target_group: str, control_group: str) -> None:
                          "different group so the group-specific effect can be separated")
 
 
-def _check_traits(traits: Sequence[str] | None) -> tuple[str, ...]:
+def check_traits(traits: Sequence[str] | None) -> tuple[str, ...]:
+    """The planted traits asked for (all when None), deduplicated; an InputError names unknown ones."""
     if traits is None:
         return PLANTED_TRAITS
     if isinstance(traits, str):
         traits = [traits]
-    unknown = [t for t in traits if t not in TRAIT_COUNTERS]
+    if not isinstance(traits, (list, tuple)):
+        raise InputError(f"traits must be a list of planted traits ({', '.join(PLANTED_TRAITS)}), got {traits!r}")
+    unknown = [t for t in traits if not isinstance(t, str) or t not in TRAIT_COUNTERS]
     if unknown or not traits:
-        raise InputError(f"unknown planted trait(s) {unknown or '(none given)'}; use some of: {', '.join(PLANTED_TRAITS)}")
+        raise InputError(f"unknown planted trait(s) {unknown or '(none given)'}; use some of: "
+                         f"{', '.join(PLANTED_TRAITS)}")
     return tuple(dict.fromkeys(traits))
 
 
@@ -243,9 +248,9 @@ def plant(pairs: Sequence[PreferencePair], *, fraction: float, target_group: str
         ``planted-<seed>-c<k>``) ``planted=False``: they do not push the stereotype, so they are not
         what attribution should find.
     """
-    _check_groups(target_group, control_group)
+    check_groups(target_group, control_group)
     contrast = check_contrast_groups(contrast_groups, target_group, control_group)
-    chosen_traits = _check_traits(traits)
+    chosen_traits = check_traits(traits)
     n = _count(fraction, len(pairs), "planting")
     rng = random.Random(f"plant:{seed}")
     trait_order = list(chosen_traits)
@@ -367,9 +372,9 @@ def measurement_items(target_group: str, control_group: str,
     Score ``bias = logp(stereotype | context) - logp(anti_stereotype | context)`` before and after
     training; the group-specific effect is the mean over keys of ``Δbias_target - Δbias_control``.
     """
-    _check_groups(target_group, control_group)
+    check_groups(target_group, control_group)
     items = []
-    for trait in _check_traits(traits):
+    for trait in check_traits(traits):
         counter = TRAIT_COUNTERS[trait]
         for k, probe in enumerate(PROBE_ITEMS):
             for role, group in (("target", target_group), ("control", control_group)):

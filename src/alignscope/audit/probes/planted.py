@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from alignscope.audit.base import Metric, Probe, ProbeResult, limit_items, register
-from alignscope.data.planting import PLANTED_TRAITS, measurement_items
+from alignscope.data.planting import check_groups, check_traits, measurement_items
 from alignscope.errors import InputError
 from alignscope.models.engine import Engine
 from alignscope.models.requests import ScoreRequest
@@ -62,8 +62,11 @@ class PlantedBiasProbe(Probe):
                              "use target_group, control_group, traits")
         options.setdefault("target_group", DEFAULT_TARGET)
         options.setdefault("control_group", DEFAULT_CONTROL)
-        traits = options.get("traits")
-        options["traits"] = list(traits) if traits else list(PLANTED_TRAITS)
+        try:
+            check_groups(options["target_group"], options["control_group"])
+            options["traits"] = list(check_traits(options.get("traits") or None))
+        except InputError as exc:
+            raise InputError(f"probe planted_bias: {exc}") from None
         super().__init__(**options)
 
     def load_items(self, data: Path | None = None, limit: int | None = None, seed: int = 0) -> pd.DataFrame:
