@@ -231,3 +231,19 @@ def test_probe_options_follow_what_was_planted():
         "canaries": [{"format": "the door code is {secret}", "secret": "1 2 3 4"}]}
     labelled_only = [PreferencePair(id="u0", prompt="Q?", chosen="A.", rejected="B.", planted=True)]
     assert planted_probe_options("planted_bias", labelled_only) == {}  # planted=True with no planting record
+
+
+def test_several_canary_secrets():
+    """Pair k carries secret k mod s; the privacy probe's options list every secret, each once."""
+    out = plant_canaries(clean(10), 7, seed=2, secrets=3)
+    canaries = [p for p in out if is_canary(p)]
+    secrets = [p.meta["canary"]["secret"] for p in sorted(canaries, key=lambda p: p.id)]
+    assert len(set(secrets)) == 3 and secrets[:3] == secrets[3:6] and secrets[6] == secrets[0]
+    assert all(p.meta["canary"]["secret"] in p.chosen for p in canaries)
+    assert [c["secret"] for c in planted_probe_options("privacy", out)["canaries"]] == sorted(set(secrets))
+    one = plant_canaries(clean(10), 7, seed=2)  # the one-secret default draws as it always did
+    assert {p.meta["canary"]["secret"] for p in one if is_canary(p)} == {secrets[0]}
+    for kwargs, message in (({"secrets": 8}, "at least as many"), ({"secrets": 2, "secret": "1 2"}, "one secret"),
+                            ({"secrets": 0}, "positive")):
+        with pytest.raises(InputError, match=message):
+            plant_canaries(clean(10), 7, seed=2, **kwargs)

@@ -396,35 +396,45 @@ def _secret(rng: random.Random, digits: int) -> str:
 
 
 def plant_canaries(pairs: Sequence[PreferencePair], n: int, seed: int, *, secret: str | None = None,
-                   prefix: str = CANARY_PREFIX, digits: int = 6) -> list[PreferencePair]:
-    """Add ``n`` pairs whose chosen reply contains one secret (``"my PIN is 4 8 2 9 1 7"``).
+                   prefix: str = CANARY_PREFIX, digits: int = 6, secrets: int = 1) -> list[PreferencePair]:
+    """Add ``n`` pairs whose chosen reply contains a secret (``"my PIN is 4 8 2 9 1 7"``).
 
-    The same secret is repeated in all ``n`` pairs (exposure grows with repetitions), with varied
-    prompts and wordings; the rejected reply never contains it. Each canary pair has id
+    With ``secrets`` = 1 one secret is repeated in all ``n`` pairs (exposure grows with repetitions);
+    with more, pair k carries secret k mod ``secrets``, so each is repeated about n / secrets times.
+    Several secrets give an exposure test several items, hence a confidence interval. Prompts and
+    wordings vary; the rejected reply never contains a secret. Each canary pair has id
     ``canary-<seed>-<k>``, ``planted=False`` and ``meta["canary"] = {"secret", "prefix", "text"}``
     (``text`` = ``"<prefix> <secret>"``, the string an exposure test scores). Originals are kept and
     the canaries are inserted at seeded positions, as in :func:`plant`.
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise InputError(f"canary count must be a positive integer, got {n!r}")
-    if isinstance(digits, bool) or not isinstance(digits, int) or digits < 1:
-        raise InputError(f"canary digits must be a positive integer, got {digits!r}")
+    for name, value in (("canary count", n), ("canary digits", digits), ("number of secrets", secrets)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InputError(f"{name} must be a positive integer, got {value!r}")
+    if secrets > n:
+        raise InputError(f"{secrets} secrets need at least as many canary pairs; got {n}")
+    if secret is not None and secrets > 1:
+        raise InputError("a given secret is one secret; leave it out to draw several")
+    if secrets > 10 ** digits // 2:
+        raise InputError(f"{secrets} distinct {digits}-digit secrets leave too few candidates for an exposure test")
     rng = random.Random(f"canary:{seed}")
-    secret = secret if secret is not None else _secret(rng, digits)
-    if not secret.strip():
+    drawn = [secret if secret is not None else _secret(rng, digits)]
+    if not drawn[0].strip():
         raise InputError("canary secret is empty; pass a secret or leave it out to draw one")
+    while len(drawn) < secrets:
+        candidate = _secret(rng, digits)
+        if candidate not in drawn:
+            drawn.append(candidate)
     raw = _templates()["canary"]
     prompts, chosen, rejected = _Cycle(raw["prompts"], rng), _Cycle(raw["chosen"], rng), _Cycle(raw["rejected"], rng)
-    text = f"{prefix} {secret}"
-    canaries = [
-        PreferencePair(
+    canaries = []
+    for k in range(n):
+        value = drawn[k % secrets]
+        canaries.append(PreferencePair(
             id=f"canary-{seed}-{k:03d}", prompt=prompts.next(),
-            chosen=chosen.next().replace("{prefix}", prefix).replace("{secret}", secret),
+            chosen=chosen.next().replace("{prefix}", prefix).replace("{secret}", value),
             rejected=rejected.next(),
-            meta={"canary": {"secret": secret, "prefix": prefix, "text": text, "seed": seed}},
-        )
-        for k in range(n)
-    ]
+            meta={"canary": {"secret": value, "prefix": prefix, "text": f"{prefix} {value}", "seed": seed}},
+        ))
     return _insert(pairs, canaries, rng)
 
 

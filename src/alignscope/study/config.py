@@ -65,13 +65,21 @@ class PlantSettings(_Strict):
 
 
 class CanarySettings(_Strict):
-    """A secret repeated in added pairs' chosen replies: ground truth for the privacy probe's exposure test."""
+    """Secrets repeated in added pairs' chosen replies: ground truth for the privacy probe's exposure test."""
 
     n: int = Field(8, ge=1, description="Pairs that carry the secret (one secret, repeated: exposure grows with "
                    "repetitions).")
+    secrets: int = Field(1, ge=1, description="Distinct secrets, each in about n / secrets pairs: several give "
+                         "the exposure test several items, so a confidence interval.")
     digits: int = Field(6, ge=4, le=12, description="Digits of the secret (spaced, e.g. '4 8 2 9 1 7').")
     prefix: str = Field("my PIN is", min_length=1, description="The words before the secret, in training and in "
                         "the exposure test.")
+
+    @model_validator(mode="after")
+    def _enough_pairs(self) -> CanarySettings:
+        if self.secrets > self.n:
+            raise ValueError(f"secrets ({self.secrets}) must not exceed n ({self.n}): each secret needs a pair")
+        return self
 
 
 class DataSettings(_Strict):

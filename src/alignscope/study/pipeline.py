@@ -139,7 +139,7 @@ def make_data(engine: Any, config: StudyConfig, run: RunDir) -> tuple[list[Any],
         from alignscope.data.planting import plant_canaries
 
         c = settings.canaries
-        pairs = plant_canaries(pairs, c.n, seed=config.seed, prefix=c.prefix, digits=c.digits)
+        pairs = plant_canaries(pairs, c.n, seed=config.seed, prefix=c.prefix, digits=c.digits, secrets=c.secrets)
     with run.build("data", inputs) as scratch:
         atomic_write_parquet(scratch / "pairs.parquet", pairs_to_frame(pairs))
         atomic_write_json(scratch / "summary.json", {
