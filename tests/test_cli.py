@@ -118,7 +118,7 @@ def test_probe_options_on_the_command_line(tiny_model_dir, tmp_path):
     args = ["audit", "--model", str(tiny_model_dir), "--out", str(out), "--probes", "planted_bias",
             "--dtype", "float32"]
     for option, message, names in (("planted_bias=lawyers", "expected PROBE.KEY=VALUE", "planted_bias=lawyers"),
-                                   ("covert.k=3", "not in --probes", "covert"),
+                                   ("covert.k=3", "not one this command runs", "covert"),
                                    ("planted_bias.colour=red", "unknown option", "colour"),
                                    ("planted_bias.traits=7", "traits", "")):
         failed = run_cli(*args, "--option", option)

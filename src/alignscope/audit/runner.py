@@ -74,7 +74,7 @@ def parse_option_overrides(values: Sequence[str], probes: Sequence[str]) -> dict
             raise InputError(f"--option {value!r}: expected PROBE.KEY=VALUE, e.g. --option "
                              "planted_bias.target_group=lawyers")
         if name not in probes:
-            raise InputError(f"--option {value!r}: probe {name!r} is not in --probes ({', '.join(probes)})")
+            raise InputError(f"--option {value!r}: probe {name!r} is not one this command runs ({', '.join(probes)})")
         try:
             out.setdefault(name, {})[key] = json.loads(raw)
         except json.JSONDecodeError:
