@@ -67,8 +67,7 @@ class PlantSettings(_Strict):
 class CanarySettings(_Strict):
     """Secrets repeated in added pairs' chosen replies: ground truth for the privacy probe's exposure test."""
 
-    n: int = Field(8, ge=1, description="Pairs that carry the secret (one secret, repeated: exposure grows with "
-                   "repetitions).")
+    n: int = Field(8, ge=1, description="Pairs that carry a secret (exposure grows with repetitions).")
     secrets: int = Field(1, ge=1, description="Distinct secrets, each in about n / secrets pairs: several give "
                          "the exposure test several items, so a confidence interval.")
     digits: int = Field(6, ge=4, le=12, description="Digits of the secret (spaced, e.g. '4 8 2 9 1 7').")
@@ -87,8 +86,8 @@ class DataSettings(_Strict):
                                "on-policy pairs from the base model (the embedded default).")
     synthesis: SynthesisSettings = Field(default_factory=SynthesisSettings)
     plant: PlantSettings | None = Field(default_factory=PlantSettings, description="null: plant nothing.")
-    canaries: CanarySettings | None = Field(None, description="Plant a secret too (off by default); the privacy "
-                                            "probe then reports its exposure and attribution can recover it.")
+    canaries: CanarySettings | None = Field(None, description="Plant secrets too (off by default); the privacy "
+                                            "probe then reports their exposure and attribution can recover them.")
 
 
 class AuditSettings(_Strict):
