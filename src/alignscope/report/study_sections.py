@@ -212,10 +212,10 @@ def _top_pairs(scores: pd.DataFrame, default: str | None, source: str, ground_tr
     column = f"score_{default}" if default and f"score_{default}" in scores else None
     ordered = scores.sort_values("rank", kind="stable") if "rank" in scores else (
         scores.sort_values(column, ascending=False, kind="stable") if column else scores)
-    truth = [ground_truth] if isinstance(ground_truth, str) and ground_truth != "planted" and ground_truth in scores \
-        else []  # the labels of the measurement's own ground truth (e.g. canary), beside the planted ones
-    columns: list[Any] = ["rank", "pair_id", "planted", *truth, "group"] + ([column] if column else []) + ["loss",
-                                                                                                          "margin"]
+    own = ground_truth if isinstance(ground_truth, str) and ground_truth != "planted" else None
+    truth = [own] if own in scores else []  # the measurement's own ground-truth labels (e.g. canary), if any
+    scored = [column] if column else []
+    columns: list[Any] = ["rank", "pair_id", "planted", *truth, "group", *scored, "loss", "margin"]
     columns += [("prompt", "longtext"), ("chosen", "longtext"), ("rejected", "longtext")]
     return frame_table(f"Top {TOP_PAIRS} training pairs ({default or 'stored order'})", ordered.head(TOP_PAIRS),
                        columns, [source])
