@@ -409,11 +409,12 @@ def _outputs(result: _Result, stage: Any, objective: Any, pairs: list[Any], prob
     frame.loc[order, "rank"] = np.arange(1, len(frame) + 1)
     frame = frame.sort_values("rank").reset_index(drop=True)
     f_value = float(np.dot(weights, result.logps))
+    explained = explained_metric(probe, metric)
     summary: dict[str, Any] = {
         "stage": str(stage.path), "align_key": stage.key, "method": objective.method,
         "objective": objective.description, "estimators": computed, "default_estimator": default,
         "sign_convention": est.SIGN_CONVENTION,
-        "measurement": {"probe": probe.name, "metric": explained_metric(probe, metric),
+        "measurement": {"probe": probe.name, "metric": explained,
                         "n_requests": len(requests), "value": f_value,
                         "description": "f(θ) = Σ weight × log p_θ(continuation | context) over the probe's "
                                        "measurement requests; higher = worse"},
@@ -425,7 +426,7 @@ def _outputs(result: _Result, stage: Any, objective: Any, pairs: list[Any], prob
     if planted.any():
         summary["planted"] = {"n_planted": int(planted.sum()), "k": int(planted.sum()), "estimators": {
             name: _recovery(result.scores[name], planted) for name in computed}}
-    truth = probe.ground_truth(explained_metric(probe, metric), pairs)
+    truth = probe.ground_truth(explained, pairs)
     summary["ground_truth"] = truth[0] if truth else None
     if truth and truth[0] != "planted":  # e.g. canaries: recovered the same way, under their own name
         labels = np.array(truth[1], dtype=bool)

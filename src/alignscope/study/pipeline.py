@@ -279,10 +279,9 @@ def _curate(config: StudyConfig, pairs: list[Any], stages: list[Any], aligned: l
     scores = out / record.data["attribution"] / "scores.parquet"
     estimator, score_column = default_scores(scores.parent)
     n_planted = int(sum(p.planted for p in pairs))
-    truth = available_probes()[probe](**_probe_options(config, pairs, probe)).ground_truth(metric, pairs)
-    truth_ids = {str(p.id) for p, hit in zip(pairs, truth[1]) if hit} if truth else set()
+    truth, truth_ids = _ground_truth(scores.parent)
     ks = config.curation.ks or [max(len(truth_ids) or n_planted, 1)]  # as many as the measurement's ground truth
-    truth_column = f"{truth[0]}_dropped" if truth and truth[0] != "planted" else None
+    truth_column = f"{truth}_dropped" if truth and truth != "planted" else None
     arm = config.attributed_arm
     base_value = _metric_value(out / "audits" / "base", probe, metric)
     aligned_value = _metric_value(out / "audits" / arm, probe, metric)
@@ -323,7 +322,7 @@ def _curate(config: StudyConfig, pairs: list[Any], stages: list[Any], aligned: l
         atomic_write_parquet(scratch / "curve.parquet", curve)
         atomic_write_json(scratch / "summary.json", {
             "probe": probe, "metric": metric, "base_value": base_value, "aligned_value": aligned_value,
-            "increase": increase, "n_planted": n_planted, "ks": ks, "ground_truth": truth[0] if truth else None,
+            "increase": increase, "n_planted": n_planted, "ks": ks, "ground_truth": truth,
             "definition": "fraction_of_increase_removed = (aligned - curated) / (aligned - base); each curated "
                           "model retrains the same recipe and seed without the dropped pairs"
                           + (", for as many optimizer steps as the original stage ran" if config.curation.same_steps
@@ -334,6 +333,16 @@ def _curate(config: StudyConfig, pairs: list[Any], stages: list[Any], aligned: l
             "random_control": _random_control(rows),
             "rows": rows})
     return run.path("curation", inputs)
+
+
+def _ground_truth(attribution: Path) -> tuple[str | None, set[str]]:
+    """The attribution's ground truth (e.g. ``planted``, ``canary``) and its pair ids, as it stored them:
+    the probe decided once, in the attribution, so curation reads that rather than asking again."""
+    truth = json.loads((attribution / "summary.json").read_text()).get("ground_truth")
+    if not truth:
+        return None, set()
+    table = pd.read_parquet(attribution / "scores.parquet", columns=["pair_id", truth])
+    return truth, set(table.loc[table[truth].astype(bool), "pair_id"].astype(str))
 
 
 def _drops(pairs: list[Any], scores: Path, k: int, random_seeds: Sequence[int]
