@@ -6,10 +6,11 @@ One run, same model, data and measurement (the ``planted_bias`` probe's group-sp
      pairs (``alignscope.data.planting.plant``), timing every optimizer step;
   2. ``attribute(..., methods=gradsim+datainf+ekfac_onepass)``: per-pair gradient collection (with
      the K-FAC sums) throughput vs the training step's per-pair throughput (median step, steady
-     state), and planted-pair AUC / recall@k of every estimator;
+     state), and planted-pair AUC / recall@k of every estimator; once per ``--layers`` selection
+     (all blocks, and the later blocks only, whose backward stops at the first selected block);
   2b. ``attribute(..., methods=tracin)`` at the stage's step-0 snapshot (the study default), timed alone;
   3. ``attribute(..., methods=ekfac)``: kronfluence EK-FAC on the same objective and measurement,
-     wall time and AUC;
+     wall time and AUC, tracking all blocks' LoRA weights and (``--ekfac-layers``) each selection's;
   4. scoring alone on a 2,000-pair × 500-measurement problem (random gradients with the stage's
      layer structure, projected size ``--score-dim``): every estimator's time.
 
@@ -101,6 +102,30 @@ def scoring_problem(n_train: int, n_test: int, dim: int, n_layers: int, seed: in
     return out
 
 
+def ours_at(run: Path, stage_path: Path, n_pairs: int, items: int, layers: str, train_pairs_per_s: float) -> dict:
+    """Our one-pass attribution (gradsim, DataInf, one-pass EK-FAC) over one layer selection, timed."""
+    started = time.perf_counter()
+    ours = attribute(run, stage_path, "planted_bias", methods=["gradsim", "datainf", "ekfac_onepass"], limit=items,
+                     layers=layers)
+    wall = time.perf_counter() - started
+    summary = json.loads(ours.file("summary.json").read_text())
+    timings = summary["timings"]
+    collect_rate = n_pairs / timings["train_gradients_s"]
+    gradients_s = timings["train_gradients_s"] + timings["measurement_gradients_s"]
+    return {
+        "layers": layers, "wall_s": round(wall, 2), "timings": timings,
+        "attribution_s": round(gradients_s + timings["scoring_s"], 2),
+        "gradsim_s": round(gradients_s + timings["score_gradsim_cosine_s"] + timings["score_margin_s"], 2),
+        "ekfac_onepass_s": round(gradients_s + timings["score_ekfac_onepass_s"], 2),  # what EK-FAC alone costs here
+        "collect_pairs_per_s": round(collect_rate, 3),
+        "collect_vs_train_throughput": round(collect_rate / train_pairs_per_s, 3),
+        "default_estimator": summary["default_estimator"], "dim": summary["gradients"]["dim"],
+        "measurement_requests": summary["measurement"]["n_requests"],
+        "planted": {name: planted_metrics(summary, name) for name in summary["estimators"]},
+        "summary": summary,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=40, help="clean pairs")
@@ -112,6 +137,10 @@ def main() -> None:
     parser.add_argument("--score-test", type=int, default=500)
     parser.add_argument("--score-dim", type=int, default=8192)
     parser.add_argument("--no-ekfac", action="store_true")
+    parser.add_argument("--layers", nargs="+", default=["all", "last:50%"],
+                        help="layer selections to time ours with (the first is the one the speed-ups quote)")
+    parser.add_argument("--ekfac-layers", action="store_true",
+                        help="also run kronfluence on each selection's LoRA weights (one more EK-FAC fit each)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("bench/results/attribute.json"))
@@ -139,26 +168,14 @@ def main() -> None:
                            "final_loss": stage.summary["final_loss"], "precision": stage.summary["precision"]}
         print(json.dumps({"train": result["train"]}), flush=True)
 
-        started = time.perf_counter()
-        ours = attribute(run, stage.path, "planted_bias", methods=["gradsim", "datainf", "ekfac_onepass"],
-                         limit=args.items)
-        ours_wall = time.perf_counter() - started
-        summary = json.loads(ours.file("summary.json").read_text())
-        timings = summary["timings"]
-        collect_rate = len(pairs) / timings["train_gradients_s"]
-        gradients_s = timings["train_gradients_s"] + timings["measurement_gradients_s"]
-        attribution_s = gradients_s + timings["scoring_s"]
-        onepass_s = gradients_s + timings["score_ekfac_onepass_s"]  # what EK-FAC alone costs here
-        result["ours"] = {
-            "wall_s": round(ours_wall, 2), "timings": timings, "attribution_s": round(attribution_s, 2),
-            "ekfac_onepass_s": round(onepass_s, 2),
-            "collect_pairs_per_s": round(collect_rate, 3),
-            "collect_vs_train_throughput": round(collect_rate / result["train"]["pairs_per_s"], 3),
-            "default_estimator": summary["default_estimator"], "dim": summary["gradients"]["dim"],
-            "measurement_requests": summary["measurement"]["n_requests"],
-            "planted": {name: planted_metrics(summary, name) for name in summary["estimators"]},
-        }
-        print(json.dumps({"ours": result["ours"]}), flush=True)
+        by_layers = {spec: ours_at(run, stage.path, len(pairs), args.items, spec, result["train"]["pairs_per_s"])
+                     for spec in args.layers}
+        result["ours"], result["ours_by_layers"] = by_layers[args.layers[0]], by_layers
+        summary = result["ours"].pop("summary")
+        for row in by_layers.values():
+            row.pop("summary", None)
+        attribution_s, onepass_s = result["ours"]["attribution_s"], result["ours"]["ekfac_onepass_s"]
+        print(json.dumps({"ours_by_layers": by_layers}), flush=True)
 
         started = time.perf_counter()  # the study's default: TracIn at the step-0 snapshot, alone
         traced = attribute(run, stage.path, "planted_bias", methods=["tracin"], limit=args.items)
@@ -171,26 +188,32 @@ def main() -> None:
                             "planted": planted_metrics(t_summary, "tracin"),
                             "sides": t_summary.get("planted", {}).get("estimators", {}).get("tracin", {}).get("sides")}
         print(json.dumps({"tracin": result["tracin"]}), flush=True)
-        layers_file = run / "gradients" / summary["gradients"]["key"] / "layers.json"
-        n_layers = len(json.loads(layers_file.read_text())["layers"])  # LoRA A/B weights of the stage
+        n_layers = summary["gradients"]["lora_weights"]  # LoRA A/B weights the first selection covers
 
         if not args.no_ekfac:
-            started = time.perf_counter()
-            theirs = attribute(run, stage.path, "planted_bias", methods=["ekfac"], limit=args.items)
-            ek_wall = time.perf_counter() - started
-            ek = json.loads(theirs.file("summary.json").read_text())
-            ek_s = ek["timings"]["score_ekfac_s"]
-            result["ekfac"] = {"wall_s": round(ek_wall, 2), "ekfac_s": round(ek_s, 2),
-                               "planted": planted_metrics(ek, "ekfac")}
+            result["ekfac_by_layers"] = {}
+            for spec in (["all", *[x for x in args.layers if x != "all"]] if args.ekfac_layers else ["all"]):
+                started = time.perf_counter()
+                theirs = attribute(run, stage.path, "planted_bias", methods=["ekfac"], limit=args.items, layers=spec)
+                ek = json.loads(theirs.file("summary.json").read_text())
+                result["ekfac_by_layers"][spec] = {"wall_s": round(time.perf_counter() - started, 2),
+                                                   "ekfac_s": round(ek["timings"]["score_ekfac_s"], 2),
+                                                   "planted": planted_metrics(ek, "ekfac")}
+                print(json.dumps({"ekfac": {spec: result["ekfac_by_layers"][spec]}}), flush=True)
+            result["ekfac"] = result["ekfac_by_layers"]["all"]  # kronfluence over every LoRA weight: the baseline
+            ek_s = result["ekfac"]["ekfac_s"]
             default = result["ours"]["default_estimator"]
             result["speedup_vs_ekfac"] = round(ek_s / attribution_s, 2)
             result["speedup_onepass_vs_ekfac"] = round(ek_s / onepass_s, 2)
+            result["speedup_by_layers"] = {spec: {"attribution": round(ek_s / row["attribution_s"], 2),
+                                                  "gradsim": round(ek_s / row["gradsim_s"], 2),
+                                                  "ekfac_onepass": round(ek_s / row["ekfac_onepass_s"], 2)}
+                                           for spec, row in by_layers.items()}
             result["auc_onepass"] = result["ours"]["planted"]["ekfac_onepass"]["auc"]
             result["auc_ours_default"] = result["ours"]["planted"][default]["auc"]
             result["auc_ekfac"] = result["ekfac"]["planted"]["auc"]
             result["speedup_tracin_vs_ekfac"] = round(ek_s / result["tracin"]["attribution_s"], 2)
             result["auc_tracin"] = result["tracin"]["planted"]["auc"]
-            print(json.dumps({"ekfac": result["ekfac"]}), flush=True)
 
     result["scoring"] = scoring_problem(args.score_train, args.score_test, args.score_dim, n_layers, args.seed)
     print(json.dumps({"scoring": result["scoring"]}), flush=True)

@@ -195,7 +195,7 @@ def test_sign_convention_and_planted_recovery(trained):
         assert scores.loc["x0", f"score_{name}"] > 0 and scores.loc["x1", f"score_{name}"] > 0, name
     assert np.all(np.sign(scores["score_gradsim_dot"]) == np.sign(scores["score_gradsim_cosine"]))
     default = summary["default_estimator"]
-    assert default == ("margin" if result.method == "dpo" else "gradsim_cosine")
+    assert default == "gradsim_cosine"
     assert summary["planted"]["estimators"][default]["auc"] == 1.0
     assert summary["planted"]["estimators"][default]["recall_at_k"] == 1.0
     if result.method == "dpo":  # per-side recovery, computed from the stored side columns
@@ -227,10 +227,27 @@ def test_rerun_is_a_cache_hit_and_projection_changes_the_key(trained, monkeypatc
     monkeypatch.setattr(core, "_compute", boom)
     assert attribute(run, result.key, EchoProbe(), methods=["gradsim"]).path == first.path  # key works too
     monkeypatch.undo()
-    projected = attribute(run, result.path, EchoProbe(), methods=["gradsim"], project_dim=64)
+    projected = attribute(run, result.path, EchoProbe(), methods=["gradsim"], project_dim=512)  # of 1,792 dims
     assert projected.path != first.path
     scores = pd.read_parquet(projected.file("scores.parquet"))
     assert set(scores.head(2)["pair_id"]) == {"x0", "x1"}  # still recovered after projection
+
+
+def test_the_layer_selection_keys_the_cache_and_is_recorded(trained):
+    from alignscope.attribute.core import DEFAULT_LAYERS
+
+    run, result = trained
+    default = attribute(run, result.path, EchoProbe(), methods=["gradsim"])
+    whole = attribute(run, result.path, EchoProbe(), methods=["gradsim"], layers="all")
+    last = attribute(run, result.path, EchoProbe(), methods=["gradsim"], layers="last:1")
+    assert len({default.path, whole.path, last.path}) == 3  # the selection as given keys the result
+    s_default, s_whole, s_last = (json.loads(a.file("summary.json").read_text())["gradients"]
+                                  for a in (default, whole, last))
+    assert (s_default["layers"], s_whole["layers"], s_last["layers"]) == (DEFAULT_LAYERS, "all", "last:1")
+    assert s_default["dim"] == s_last["dim"]  # last:50% of the tiny Llama's 2 blocks is its last one
+    assert s_last["lora_weights"] * 2 == s_whole["lora_weights"] and s_last["dim"] * 2 == s_whole["dim"]
+    scores = pd.read_parquet(last.file("scores.parquet"))
+    assert set(scores.head(2)["pair_id"]) == {"x0", "x1"}  # the last block alone still finds them
 
 
 def test_tracin_sums_learning_rate_times_gradient_similarity_over_snapshots(tiny_model_dir, tmp_path):
@@ -397,7 +414,7 @@ def test_cli_attribute_and_curate(trained, tmp_path, capsys):
     assert cli(["attribute", "--run", str(run), "--stage", result.key, "--probe", "planted_bias", "--method", "gradsim",
           "--limit", "2"]) == 0
     printed = capsys.readouterr().out
-    assert "default estimator: margin" in printed and "planted AUC" in printed and "not a check" not in printed
+    assert "default estimator: gradsim_cosine" in printed and "planted AUC" in printed and "not a check" not in printed
     assert cli(["attribute", "--run", str(run), "--stage", result.key, "--probe", "crows_pairs", "--method",
                 "gradsim", "--limit", "2"]) == 0
     assert "planted to move planted_bias" in capsys.readouterr().out  # other probes: planted AUC is no check
@@ -415,8 +432,9 @@ def test_cli_attribute_and_curate(trained, tmp_path, capsys):
     assert cli(["curate", "--run", str(run), "--attribution", key, "--drop-top", "2", "--out", str(out)]) == 0
     assert len(load_preferences(out)) == len(planted_pairs()) - 2
     scores = pd.read_parquet(attributed / "scores.parquet").sort_values("rank")
-    share = scores["score_margin"].head(2).sum() / scores["score_margin"].sum()
-    assert f"removes {share:.0%} of the change the margin scores explain" in capsys.readouterr().out
+    default = json.loads((attributed / "summary.json").read_text())["default_estimator"]
+    share = scores[f"score_{default}"].head(2).sum() / scores[f"score_{default}"].sum()
+    assert f"removes {share:.0%} of the change the {default} scores explain" in capsys.readouterr().out
     assert cli(["curate", "--run", str(run), "--attribution", key, "--drop-top", "2", "--random", "--out",
                 str(tmp_path / "random.jsonl")]) == 0
     assert len(load_preferences(tmp_path / "random.jsonl")) == len(planted_pairs()) - 2
@@ -441,7 +459,8 @@ def test_lds_retrains_on_random_subsets_and_correlates_predictions(trained):
     for row in table.itertuples():  # the prediction is the retrained subset's own score sum
         subset = load_preferences(RunDir(run).root / "align" / row.stage / "pairs.parquet")
         assert row.predicted_margin == pytest.approx(scores.loc[[p.id for p in subset], "score_margin"].sum())
-    assert set(summary["lds"]) == {"gradsim_dot", "gradsim_cosine", "margin", "chosen_margin", "rejected_margin"}
+    assert set(summary["lds"]) == {"gradsim_dot", "gradsim_cosine", "margin", "chosen_gradsim_cosine",
+                                   "rejected_gradsim_cosine"}  # every linear score, and the default's parts
     assert summary["lds"]["gradsim_dot"] > 0.5, summary["lds"]
     assert linear_datamodeling_score(run, artefact.path, subsets=6, fraction=0.5, seed=2).path == checked.path
 

@@ -12,6 +12,7 @@ from alignscope.align import StageConfig, StageResult, stage_reference, train_st
 from alignscope.attribute.estimators import loss_rows
 from alignscope.attribute.gradients import (
     LoraGradients,
+    check_layers,
     collect_pair_gradients,
     measurement_gradients,
     reference_logprobs,
@@ -184,6 +185,44 @@ def test_measurement_equals_the_engine(dpo_stage):
     again, total = measurement_gradients(lm, grads, requests, weights, batch_tokens=32, summed=True)
     assert total.shape == (rows.shape[1],) and np.abs(total).max() > 0 and again == pytest.approx(logps)
     assert total == pytest.approx(rows.astype(np.float64).sum(axis=0), rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.parametrize("layers", ["last:1", "last:50%"])
+def test_a_layer_selection_gives_the_same_gradients_for_its_blocks(dpo_stage, tmp_path, layers):
+    """The backward that stops at the first selected block gives those blocks' weights exactly the
+    gradients of the full backward (pairs and measurement), and nothing for the blocks before."""
+    _, data, result = dpo_stage
+    lm = loaded(result)
+    objective = objective_from_summary(result.summary)
+    kw = dict(objective=objective, max_length=40, truncation_mode="keep_start", reference=stage_reference(result.path),
+              project_dim=None, seed=0, batch_tokens=90, chunk_pairs=4)
+    whole = collect_pair_gradients(lm, data, run=RunDir(tmp_path), inputs={"t": "all"}, **kw)
+    part = collect_pair_gradients(lm, data, run=RunDir(tmp_path), inputs={"t": layers}, layers=layers, **kw)
+    names = [layer.name for layer in part.layers]
+    assert names and all(".layers.1." in name for name in names)  # the tiny Llama's last of 2 blocks
+    by_name = {layer.name: layer for layer in whole.layers}
+    columns = np.concatenate([np.arange(by_name[n].offset, by_name[n].offset + by_name[n].size) for n in names])
+    for side in objective.sides:
+        assert np.abs(np.asarray(part.side(side))).max() > 1e-4
+        assert np.asarray(part.side(side)) == pytest.approx(np.asarray(whole.side(side))[:, columns], abs=1e-5)
+    assert part.table["loss"].tolist() == pytest.approx(whole.table["loss"].tolist(), abs=1e-6)
+    req = [ScoreRequest("Tell me about tea.", " Sure thing.", chat=True)]
+    full = measurement_gradients(lm, LoraGradients(lm.model), req, [1.0])[1]
+    sub = measurement_gradients(lm, LoraGradients(lm.model, layers=layers), req, [1.0])[1]
+    assert sub == pytest.approx(full[:, columns], abs=1e-5)
+
+
+@pytest.mark.parametrize("spec", ["first:2", "last:0", "last:101%", "last:x", "2"])
+def test_a_malformed_layer_selection_is_refused_in_one_line(spec):
+    with pytest.raises(InputError, match="use all, last:N"):
+        check_layers(spec)
+
+
+def test_a_selection_larger_than_the_model_names_its_block_count(dpo_stage):
+    lm = loaded(dpo_stage[2])
+    assert check_layers(" Last:3 ") == "last:3"
+    with pytest.raises(InputError, match="2 LoRA-adapted blocks"):
+        LoraGradients(lm.model, layers="last:3")
 
 
 def test_projection_keeps_dot_products_roughly(dpo_stage):

@@ -277,6 +277,9 @@ def attribute_cmd(
              "kronfluence), or all; comma-separated or repeatable "
              "(default: gradsim and datainf).")] = None,
     project_dim: Annotated[Optional[int], typer.Option(help="Randomly project gradients to K dims.")] = None,
+    layers: Annotated[Optional[str], typer.Option(
+        help="Which transformer blocks' LoRA weights the gradients cover: all, last:N or last:P% "
+             "(default: the library's DEFAULT_LAYERS).")] = None,
     limit: Annotated[Optional[int], typer.Option(help="Probe items (seeded subset) for quick runs.")] = None,
     data: Annotated[Optional[Path], typer.Option(help="Training pairs, for a stage without pairs.parquet.")] = None,
     seed: int = 0,
@@ -300,6 +303,10 @@ def attribute_cmd(
         from alignscope.attribute.validation import check_lds_settings
 
         check_lds_settings(lds, lds_fraction)  # before the attribution, not after it
+    if layers is not None:
+        from alignscope.attribute.gradients import check_layers
+
+        check_layers(layers)  # a malformed selection fails before the model loads
     if (before is None) != (after is None):
         raise InputError("--before and --after go together: the audit runs of the model before and after alignment")
     from alignscope.audit.runner import parse_option_overrides
@@ -310,7 +317,7 @@ def attribute_cmd(
                          "stored")
     artefact = attribute(run, stage, probe, metric=metric, methods=method or list(DEFAULT_METHODS),
                          probe_options=options, project_dim=project_dim, limit=limit, seed=seed, data=data, out=out,
-                         pseudo_pairs=(before, after) if before is not None and after is not None else None)
+                         layers=layers, pseudo_pairs=(before, after) if before is not None and after is not None else None)
     summary = json.loads(artefact.file("summary.json").read_text())
     default = summary["default_estimator"]
     typer.echo(f"attribution -> {artefact.path}")

@@ -44,11 +44,15 @@ METHOD_GROUPS: dict[str, tuple[str, ...]] = {
 }
 METHODS = (*METHOD_GROUPS, "all")
 DEFAULT_METHODS = ("gradsim", "datainf")
+#: Which blocks' LoRA weights the gradients cover by default (see ``gradients.check_layers``).
+DEFAULT_LAYERS = "last:50%"
 #: What ``--method all`` runs: every estimator that needs nothing the stage may lack (checkpoints).
 ALL_METHODS = ("gradsim", "datainf", "ekfac_onepass", "ekfac")
-#: Preference order of the default estimator; raw dot is never the default (see estimators.py).
-_DEFAULT_ORDER = {"pairwise": ("tracin", "ekfac_onepass", "margin", "gradsim_cosine", "datainf", "ekfac", "kfac"),
-                  "sft": ("tracin", "ekfac_onepass", "gradsim_cosine", "margin", "datainf", "ekfac", "kfac")}
+#: Preference order of the default estimator; raw dot is never the default (see estimators.py). Cosine
+#: before margin: over the later half of the blocks it ranked the planted pairs as well or better on
+#: five seeds and the planted canaries far better (0.95–0.97 vs 0.86–0.88), and its sizes predicted
+#: the curation retrains as well (BENCHMARKS.md, session 8).
+_DEFAULT_ORDER = ("tracin", "ekfac_onepass", "gradsim_cosine", "margin", "datainf", "ekfac", "kfac")
 
 
 def expand_methods(methods: Sequence[str] | str) -> tuple[str, ...]:
@@ -131,9 +135,8 @@ def measurement_terms(probe: Any, items: pd.DataFrame, metric: str | None) -> tu
     return [t[0] for t in terms], [float(t[1]) for t in terms]
 
 
-def default_estimator(method: str, computed: Sequence[str]) -> str:
-    order = _DEFAULT_ORDER["sft" if method == "sft" else "pairwise"]
-    for name in order:
+def default_estimator(computed: Sequence[str]) -> str:
+    for name in _DEFAULT_ORDER:
         if name in computed:
             return name
     linear = [c for c in computed if c not in ("self_influence",)]
@@ -146,7 +149,7 @@ def attribute(run: RunDir | str | Path, stage_dir: str | Path, probe: Any, *, me
               limit: int | None = None, seed: int = 0, data: str | Path | None = None,
               probe_options: dict[str, Any] | None = None, dtype: str | None = None,
               batch_tokens: int = 4096, chunk_pairs: int = 64,
-              pseudo_pairs: tuple[str | Path, str | Path] | None = None) -> Artefact:
+              pseudo_pairs: tuple[str | Path, str | Path] | None = None, layers: str | None = None) -> Artefact:
     """Score every training pair of a stage by its influence on a probe's measurement.
 
     Args:
@@ -170,15 +173,19 @@ def attribute(run: RunDir | str | Path, stage_dir: str | Path, probe: Any, *, me
         pseudo_pairs: (audit run before alignment, audit run after) for a generation probe: the
             measurement is then the worse-minus-better log-prob of each item's two outputs
             (:mod:`alignscope.attribute.pseudo_pairs`); ``probe`` must be its name.
+        layers: which transformer blocks' LoRA weights the gradients cover: ``all``, ``last:N`` or
+            ``last:P%`` (default :data:`DEFAULT_LAYERS`; see :func:`~alignscope.attribute.gradients.check_layers`).
 
     Returns:
         The ``RUN/attribution/<key>/`` artefact (a cache hit when nothing changed).
     """
+    from alignscope.attribute.gradients import check_layers
     from alignscope.data.preferences import preferences_fingerprint
 
     run = run if isinstance(run, RunDir) else RunDir(run)
     target = run if out is None else (out if isinstance(out, RunDir) else RunDir(out))
     estimators = expand_methods(methods)
+    layers = check_layers(DEFAULT_LAYERS if layers is None else layers)
     stage = resolve_stage(run, stage_dir)
     from alignscope.attribute.objective import objective_from_summary
 
@@ -198,20 +205,20 @@ def attribute(run: RunDir | str | Path, stage_dir: str | Path, probe: Any, *, me
         if items is None:
             items = probe.load_items(limit=limit, seed=seed)
         requests, weights = measurement_terms(probe, items, metric)
-    dtype = dtype or stage.summary.get("precision", {}).get("weights", "float32")
+    grad = _GradientSettings(project_dim, layers, seed, dtype or stage.summary.get("precision", {}).get(
+        "weights", "float32"), batch_tokens, chunk_pairs)
     inputs = {"stage": ATTRIBUTION_STAGE, "align": stage.key, "data": preferences_fingerprint(pairs),
               "probe": probe.config(), "metric": metric, "estimators": list(estimators), "project_dim": project_dim,
-              "seed": seed, "dtype": dtype,
+              "seed": seed, "dtype": grad.dtype, **grad.layer_key(),
               "measurement": content_hash([[r.to_dict(), w] for r, w in zip(requests, weights)])}
     found = target.find(ATTRIBUTION_STAGE, inputs)
     if found is not None:
         return found
     timings: dict[str, float] = {}
     clock = time.perf_counter()
-    lm = stage.load(dtype=dtype)
+    lm = stage.load(dtype=grad.dtype)
     timings["load_s"] = time.perf_counter() - clock
-    result = _compute(target, stage, lm, objective, pairs, requests, weights, estimators, project_dim, seed, dtype,
-                      batch_tokens, chunk_pairs, timings)
+    result = _compute(target, stage, lm, objective, pairs, requests, weights, estimators, grad, timings)
     from alignscope.models.engine import _distributed_state
 
     state = _distributed_state()
@@ -257,11 +264,30 @@ class _Result:
     measurement: np.ndarray | None  # ∇f at the trained adapter (None: TracIn only)
     gradient_key: str
     snapshots: list[str]
+    layers: str  # the layer selection the gradients cover
+
+
+@dataclass(frozen=True)
+class _GradientSettings:
+    """How the gradients are taken: they key the gradient cache, so they travel together."""
+
+    project_dim: int | None
+    layers: str
+    seed: int
+    dtype: str
+    batch_tokens: int
+    chunk_pairs: int
+
+    def layer_key(self) -> dict[str, str]:
+        """The cache-key entry of the layer selection (absent for all layers, so older caches stay valid)."""
+        from alignscope.attribute.gradients import ALL_LAYERS
+
+        return {} if self.layers == ALL_LAYERS else {"layers": self.layers}
 
 
 def _compute(run: RunDir, stage: Any, lm: Any, objective: Any, pairs: list[Any], requests: list[Any],
-             weights: list[float], estimators: tuple[str, ...], project_dim: int | None, seed: int, dtype: str,
-             batch_tokens: int, chunk_pairs: int, timings: dict[str, float]) -> _Result:
+             weights: list[float], estimators: tuple[str, ...], grad: _GradientSettings,
+             timings: dict[str, float]) -> _Result:
     """Gradients (cached in ``run``), measurement gradients and every estimator's scores.
 
     Estimators other than TracIn read gradients at the trained adapter; TracIn reads them at each
@@ -276,14 +302,14 @@ def _compute(run: RunDir, stage: Any, lm: Any, objective: Any, pairs: list[Any],
 
     def gradients_at(model: Any, snapshot: str | None) -> tuple[Any, np.ndarray, np.ndarray]:
         factors = snapshot is None and "ekfac_onepass" in estimators
-        return _gradients(run, stage, model, objective, pairs, requests, weights, config, reference, project_dim,
-                          seed, dtype, batch_tokens, chunk_pairs, timings, snapshot, factors)
+        return _gradients(run, stage, model, objective, pairs, requests, weights, config, reference, grad, timings,
+                          snapshot, factors)
 
     checkpoints: list[tuple[float, Any, np.ndarray]] = []
     snapshot_names: list[str] = []
     if "tracin" in estimators:
         for snapshot, learning_rate in _snapshots(stage):
-            model = stage.load_snapshot(snapshot, dtype=dtype)
+            model = stage.load_snapshot(snapshot, dtype=grad.dtype)
             snapshot_gs, _, snapshot_mgrad = gradients_at(model, snapshot.name)
             del model
             checkpoints.append((learning_rate, snapshot_gs, snapshot_mgrad))
@@ -292,7 +318,7 @@ def _compute(run: RunDir, stage: Any, lm: Any, objective: Any, pairs: list[Any],
         gs, logps, mgrad = gradients_at(lm, None)
     else:
         gs, mgrad = checkpoints[-1][1], None
-        logps = _logprobs(lm, requests, batch_tokens)
+        logps = _logprobs(lm, requests, grad.batch_tokens)
     scores: dict[str, est.Scores | np.ndarray] = {}
     clock = time.perf_counter()
     products = est.side_products(gs, mgrad) if mgrad is not None else {}
@@ -316,16 +342,16 @@ def _compute(run: RunDir, stage: Any, lm: Any, objective: Any, pairs: list[Any],
             from alignscope.attribute.kfac import kronfluence_scores
 
             scores[name] = kronfluence_scores(lm, pairs, objective, requests, weights, config=config,
-                                              reference=reference, strategy=name, work=run.root / ".work" / name)
+                                              reference=reference, strategy=name, work=run.root / ".work" / name,
+                                              layers=grad.layers)
         timings[f"score_{name}_s"] = time.perf_counter() - start
     timings["scoring_s"] = time.perf_counter() - clock
-    return _Result(gs, scores, logps, mgrad, gs.path.name, snapshot_names)
+    return _Result(gs, scores, logps, mgrad, gs.path.name, snapshot_names, grad.layers)
 
 
 def _gradients(run: RunDir, stage: Any, lm: Any, objective: Any, pairs: list[Any], requests: list[Any],
-               weights: list[float], config: Any, reference: Any, project_dim: int | None, seed: int, dtype: str,
-               batch_tokens: int, chunk_pairs: int, timings: dict[str, float], snapshot: str | None,
-               factors: bool = False) -> tuple[Any, np.ndarray, np.ndarray]:
+               weights: list[float], config: Any, reference: Any, grad: _GradientSettings, timings: dict[str, float],
+               snapshot: str | None, factors: bool = False) -> tuple[Any, np.ndarray, np.ndarray]:
     """Per-pair gradients (cached) and the measurement's gradient ∇f of one adapter state
     (with ``factors``, the gradient set also keeps the K-FAC sums that ``ekfac_onepass`` needs)."""
     from alignscope.attribute.gradients import GRADIENT_STAGE, LoraGradients, collect_pair_gradients, \
@@ -333,8 +359,9 @@ def _gradients(run: RunDir, stage: Any, lm: Any, objective: Any, pairs: list[Any
     from alignscope.data.preferences import preferences_fingerprint
 
     grad_inputs = {"stage": GRADIENT_STAGE, "align": stage.key, "data": preferences_fingerprint(pairs),
-                   "project_dim": project_dim, "seed": seed, "dtype": dtype, "objective": objective.description,
-                   "max_length": config.max_length, "truncation_mode": config.truncation_mode}
+                   "project_dim": grad.project_dim, "seed": grad.seed, "dtype": grad.dtype,
+                   "objective": objective.description, "max_length": config.max_length,
+                   "truncation_mode": config.truncation_mode, **grad.layer_key()}
     if snapshot is not None:
         grad_inputs["snapshot"] = snapshot
     if factors:
@@ -343,12 +370,12 @@ def _gradients(run: RunDir, stage: Any, lm: Any, objective: Any, pairs: list[Any
     clock = time.perf_counter()
     gs = collect_pair_gradients(lm, pairs, objective, run=run, inputs=grad_inputs, max_length=config.max_length,
                                 truncation_mode=config.truncation_mode, reference=reference,
-                                project_dim=project_dim, seed=seed, batch_tokens=batch_tokens,
-                                chunk_pairs=chunk_pairs, factors=factors)
+                                project_dim=grad.project_dim, seed=grad.seed, batch_tokens=grad.batch_tokens,
+                                chunk_pairs=grad.chunk_pairs, factors=factors, layers=grad.layers)
     timings[f"train_gradients{suffix}_s"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    logps, mgrad = measurement_gradients(lm, LoraGradients(lm.model, project_dim, seed), requests, weights,
-                                         batch_tokens, summed=True)
+    logps, mgrad = measurement_gradients(lm, LoraGradients(lm.model, grad.project_dim, grad.seed, layers=grad.layers),
+                                         requests, weights, grad.batch_tokens, summed=True)
     timings[f"measurement_gradients{suffix}_s"] = time.perf_counter() - clock
     return gs, logps, mgrad
 
@@ -388,7 +415,7 @@ def _snapshots(stage: Any) -> list[tuple[Path, float]]:
 def _outputs(result: _Result, stage: Any, objective: Any, pairs: list[Any], probe: Any, metric: str | None,
              requests: list[Any], weights: list[float]) -> tuple[pd.DataFrame, dict[str, Any], np.ndarray, np.ndarray]:
     computed = list(result.scores)
-    default = default_estimator(objective.method, computed)
+    default = default_estimator(computed)
     table = result.gradients.table
     frame = pd.DataFrame({
         "pair_id": [p.id for p in pairs], "prompt": [p.prompt_text for p in pairs],
@@ -418,8 +445,8 @@ def _outputs(result: _Result, stage: Any, objective: Any, pairs: list[Any], prob
                         "n_requests": len(requests), "value": f_value,
                         "description": "f(θ) = Σ weight × log p_θ(continuation | context) over the probe's "
                                        "measurement requests; higher = worse"},
-        "gradients": {"key": result.gradient_key, "dim": int(result.gradients.dim),
-                      "tracin_snapshots": result.snapshots},
+        "gradients": {"key": result.gradient_key, "dim": int(result.gradients.dim), "layers": result.layers,
+                      "lora_weights": len(result.gradients.layers), "tracin_snapshots": result.snapshots},
         "n_pairs": len(pairs),
     }
     planted = np.array([bool(p.planted) for p in pairs])  # pair order, as the estimators' rows (frame is ranked)

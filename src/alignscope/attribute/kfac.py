@@ -110,8 +110,9 @@ def _task(objective: Objective, lp_factory: Any, tracked: list[str]) -> Any:
 
 def kronfluence_scores(lm: Any, pairs: Sequence[Any], objective: Objective, requests: Sequence[Any],
                        weights: Sequence[float], *, config: Any, reference: pd.DataFrame | None, strategy: str,
-                       work: Path, train_batch: int = 8, query_batch: int = 16) -> np.ndarray:
-    """Per-pair EK-FAC/K-FAC influence on f in our sign convention (positive = makes f worse)."""
+                       work: Path, train_batch: int = 8, query_batch: int = 16, layers: str = "all") -> np.ndarray:
+    """Per-pair EK-FAC/K-FAC influence on f in our sign convention (positive = makes f worse), over the
+    LoRA weights of the selected ``layers`` (the same ones our own gradients cover)."""
     try:
         from kronfluence.analyzer import Analyzer, prepare_model
         from kronfluence.arguments import FactorArguments, ScoreArguments
@@ -140,7 +141,7 @@ def kronfluence_scores(lm: Any, pairs: Sequence[Any], objective: Objective, requ
                        for i, e in enumerate(encoded)])
     query = _Examples([{"rows": [row], "weight": float(w)}
                        for row, w in zip(measurement_rows(lm, requests), weights)])
-    tracked = [name for name, _ in lora_linears(model)]  # module paths: ...q_proj.lora_A.default
+    tracked = [name for name, _ in lora_linears(model, layers)]  # module paths: ...q_proj.lora_A.default
     task = _task(objective, lambda m: LogProbModel(m, pad_id), tracked)
     out_dir = work / uuid.uuid4().hex[:8]
     prepared = prepare_model(model, task)

@@ -171,7 +171,7 @@ def attribution(sources: RunSources) -> Section:
     section = Section("attribution", title, intro=str(summary.get("sign_convention") or (
         "A positive score means up-weighting the pair moves the metric in the direction the probe calls worse.")))
     section.parts.extend(_recovery_tables(summary, summary_src))
-    details = {k: summary[k] for k in ("method", "measurement", "n_pairs", "timings") if k in summary}
+    details = {k: summary[k] for k in ("method", "measurement", "gradients", "n_pairs", "timings") if k in summary}
     if details:
         section.parts.append(kv_table("What was explained, and timings (seconds)", details, [summary_src]))
     if "planted" in scores and estimators:

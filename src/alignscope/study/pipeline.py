@@ -262,7 +262,8 @@ def _attribute(config: StudyConfig, pairs: Sequence[Any], stage_dir: Path, out: 
     assert settings is not None
     probe = available_probes()[settings.probe](**_probe_options(config, pairs, settings.probe))
     artefact = attribute(out, stage_dir, probe, metric=settings.metric, methods=config.attribution_methods(),
-                         project_dim=settings.project_dim, limit=config.audit.limit, seed=config.seed)
+                         project_dim=settings.project_dim, limit=config.audit.limit, seed=config.seed,
+                         layers=settings.layers)
     return artefact.path
 
 
