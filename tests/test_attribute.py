@@ -227,6 +227,12 @@ def test_rerun_is_a_cache_hit_and_projection_changes_the_key(trained, monkeypatc
     monkeypatch.setattr(core, "_compute", boom)
     assert attribute(run, result.key, EchoProbe(), methods=["gradsim"]).path == first.path  # key works too
     monkeypatch.undo()
+    # a different default estimator ranks the pairs differently, so a cached ranking is not reused
+    monkeypatch.setattr(core, "_DEFAULT_ORDER", ("margin", "gradsim_cosine"))
+    by_margin = attribute(run, result.path, EchoProbe(), methods=["gradsim"])
+    assert by_margin.path != first.path
+    assert json.loads(by_margin.file("summary.json").read_text())["default_estimator"] == "margin"
+    monkeypatch.undo()
     projected = attribute(run, result.path, EchoProbe(), methods=["gradsim"], project_dim=512)  # of 1,792 dims
     assert projected.path != first.path
     scores = pd.read_parquet(projected.file("scores.parquet"))

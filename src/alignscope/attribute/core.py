@@ -208,7 +208,9 @@ def attribute(run: RunDir | str | Path, stage_dir: str | Path, probe: Any, *, me
     grad = _GradientSettings(project_dim, layers, seed, dtype or stage.summary.get("precision", {}).get(
         "weights", "float32"), batch_tokens, chunk_pairs)
     inputs = {"stage": ATTRIBUTION_STAGE, "align": stage.key, "data": preferences_fingerprint(pairs),
-              "probe": probe.config(), "metric": metric, "estimators": list(estimators), "project_dim": project_dim,
+              "probe": probe.config(), "metric": metric, "estimators": list(estimators),
+              "default_estimator": default_estimator(estimators),  # it ranks the pairs: a new default recomputes
+              "project_dim": project_dim,
               "seed": seed, "dtype": grad.dtype, **grad.layer_key(),
               "measurement": content_hash([[r.to_dict(), w] for r, w in zip(requests, weights)])}
     found = target.find(ATTRIBUTION_STAGE, inputs)
