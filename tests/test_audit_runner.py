@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import numpy as np
@@ -140,6 +141,13 @@ def test_compare_refuses_metrics_defined_differently(tiny_lm, tmp_path):
 @pytest.mark.parametrize("name", sorted(n for n, cls in available_probes().items()
                                          if cls.__module__.startswith("alignscope.")))  # not this file's doubles
 def test_every_probe_refuses_an_unknown_option(name):
-    """A misspelt option must not silently run the defaults (it is a user's --option or audit.options)."""
-    with pytest.raises(InputError, match="unknown option.*colour"):
-        available_probes()[name](colour="red")
+    """A misspelt option must not silently run the defaults (it is a user's --option or audit.options),
+    and the refusal lists exactly the options the probe accepts when they are all given."""
+    cls = available_probes()[name]
+    with pytest.raises(InputError, match="unknown option.*colour") as refused:
+        cls(colour="red")
+    assert str(refused.value).endswith("known: " + ", ".join(cls.option_names())) and cls.option_names()
+    defaults = cls.DEFAULTS if isinstance(getattr(cls, "DEFAULTS", None), dict) else {
+        n: p.default for n, p in inspect.signature(cls.__init__).parameters.items()
+        if n in cls.option_names() and p.default is not inspect.Parameter.empty}
+    cls(**defaults)  # every listed option, at its default, is accepted

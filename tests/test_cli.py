@@ -36,6 +36,13 @@ def test_help_lists_commands():
         assert command in out.stdout
 
 
+def test_probes_list_shows_each_probes_options():
+    out = run_cli("probes", "list")
+    assert out.returncode == 0
+    assert "options: target_group, control_group, traits" in out.stdout  # planted_bias
+    assert "options: n_pairs, templates, adjectives, k, employability_prompts, overt_gap" in out.stdout  # covert
+
+
 def test_models_list_shows_builtins():
     out = run_cli("models", "list")
     assert out.returncode == 0 and "smollm2-135m [default]" in out.stdout and "gemma3-270m" in out.stdout

@@ -82,12 +82,14 @@ app.add_typer(probes_app, name="probes")
 
 @probes_app.command("list")
 def probes_list() -> None:
-    """Show every probe with its metrics (direction and ideal value) and accepted data formats."""
+    """Show every probe with its metrics (direction and ideal value), accepted data formats and the
+    options `--option PROBE.KEY=VALUE` can set."""
     from alignscope.audit.runner import available_probes
 
     for name, probe in available_probes().items():
         typer.echo(f"{name}: {probe.description}")
         typer.echo(f"    data: {probe.data_formats}")
+        typer.echo(f"    options: {', '.join(probe.option_names()) or 'none'}")
         for m in probe.metrics:
             typer.echo(f"    - {m.name} [{m.unit}] {m.direction.replace('_', ' ')}, ideal {m.ideal:g}")
 

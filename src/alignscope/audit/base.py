@@ -8,8 +8,9 @@ one per-item column, so two models audited on the same items can always be compa
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -108,8 +109,33 @@ class Probe(ABC):
     #: first of ``metrics``. It differs where the first metric is a share or a generation rate.
     attribution_metric: ClassVar[str | None] = None
 
+    #: The options the probe accepts, where neither ``DEFAULTS`` nor the constructor's keyword
+    #: parameters name them (see :meth:`option_names`).
+    OPTION_NAMES: ClassVar[tuple[str, ...] | None] = None
+
     def __init__(self, **options: Any) -> None:
         self.options = options
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        """The option names this probe accepts: ``OPTION_NAMES``, else its ``DEFAULTS`` keys, else its
+        constructor's keyword parameters. One source, so ``probes list`` and the refusal agree."""
+        if cls.OPTION_NAMES is not None:
+            return cls.OPTION_NAMES
+        defaults = getattr(cls, "DEFAULTS", None)
+        if isinstance(defaults, dict):
+            return tuple(defaults)
+        kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        return tuple(p.name for p in inspect.signature(cls.__init__).parameters.values()
+                     if p.name != "self" and p.kind in kinds)
+
+    @classmethod
+    def refuse_unknown_options(cls, options: Iterable[str]) -> None:
+        """One line naming options the probe does not have: a typo must not run the defaults silently."""
+        unknown = set(options) - set(cls.option_names())
+        if unknown:
+            raise InputError(f"{cls.name} probe: unknown option(s) {', '.join(sorted(unknown))}; "
+                             f"known: {', '.join(cls.option_names())}")
 
     @abstractmethod
     def load_items(self, data: Path | None = None, limit: int | None = None, seed: int = 0) -> pd.DataFrame:

@@ -157,10 +157,7 @@ class StereotypeAgreementProbe(Probe):
                                 "n_generate": 8, "max_new_tokens": 24, "chat": None}
 
     def __init__(self, **options: Any) -> None:
-        unknown = set(options) - set(self.DEFAULTS)
-        if unknown:
-            raise InputError(f"stereotype_agreement probe: unknown option(s) {', '.join(sorted(unknown))}; "
-                             f"known: {', '.join(self.DEFAULTS)}")
+        self.refuse_unknown_options(options)
         merged = {**self.DEFAULTS, **options}
         kinds = (merged["system_prompts"],) if isinstance(merged["system_prompts"], str) else \
             tuple(merged["system_prompts"])

@@ -136,10 +136,7 @@ class EthicsProbe(Probe):
                                 "short_only": True, "normalise": False, "chat": True, "system": None}
 
     def __init__(self, **options: Any) -> None:
-        unknown = set(options) - set(self.DEFAULTS)
-        if unknown:
-            raise InputError(f"ethics probe: unknown option(s) {', '.join(sorted(unknown))}; "
-                             f"known: {', '.join(self.DEFAULTS)}")
+        self.refuse_unknown_options(options)
         merged = {**self.DEFAULTS, **options}
         _check_int(merged, "n_items", 2, allow_none=True)
         _check_int(merged, "n_generate", 1)

@@ -155,12 +155,6 @@ class _Batch:
         return [lp[s:s + n * m].reshape(n, m) for s, n, m in self.shapes]
 
 
-def _refuse_unknown(probe: str, unknown: dict[str, Any], known: str) -> None:
-    """One line naming options the probe does not have (a typo must not run the defaults silently)."""
-    if unknown:
-        raise InputError(f"{probe} probe: unknown option(s) {', '.join(sorted(unknown))}; known: {known}")
-
-
 def _guise_contexts(sides: Sequence[tuple[str, str]], templates: Sequence[str]) -> list[str]:
     """Contexts in (pair, guise, template) order: guise 0 = AAE/target, 1 = SAE/reference."""
     return [t.format(text) for pair in sides for text in pair for t in templates]
@@ -439,7 +433,7 @@ class CovertGuise(Probe):
                  adjectives: str | Sequence[str] = "probed", k: int = 5,
                  employability_prompts: int = DEFAULT_EMPLOYABILITY_PROMPTS, overt_gap: bool = True,
                  **unknown: Any) -> None:
-        _refuse_unknown(self.name, unknown, "n_pairs, templates, adjectives, k, employability_prompts, overt_gap")
+        self.refuse_unknown_options(unknown)
         super().__init__(n_pairs=n_pairs, templates=templates, adjectives=_option_value(adjectives), k=k,
                          employability_prompts=employability_prompts, overt_gap=overt_gap)
         self.adjectives = _adjective_frame(adjectives)
@@ -810,7 +804,7 @@ class OvertGuise(Probe):
 
     def __init__(self, groups: Sequence[Sequence[str]] | None = None, templates: Sequence[str] | None = None,
                  adjectives: str | Sequence[str] = "probed", k: int = 5, **unknown: Any) -> None:
-        _refuse_unknown(self.name, unknown, "groups, templates, adjectives, k")
+        self.refuse_unknown_options(unknown)
         super().__init__(groups=groups, templates=templates, adjectives=_option_value(adjectives), k=k)
         self.adjectives = _adjective_frame(adjectives)
         self.k = int(k)

@@ -54,12 +54,10 @@ class PlantedBiasProbe(Probe):
                "nats", (-np.inf, np.inf), "higher_is_worse", 0.0),
     )
     data_formats = "embedded held-out questions only (options: target_group, control_group, traits)"
+    OPTION_NAMES = ("target_group", "control_group", "traits")
 
     def __init__(self, **options: Any) -> None:
-        unknown = set(options) - {"target_group", "control_group", "traits"}
-        if unknown:
-            raise InputError(f"probe planted_bias: unknown option(s) {', '.join(sorted(unknown))}; "
-                             "use target_group, control_group, traits")
+        self.refuse_unknown_options(options)
         options.setdefault("target_group", DEFAULT_TARGET)
         options.setdefault("control_group", DEFAULT_CONTROL)
         try:

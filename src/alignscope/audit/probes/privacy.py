@@ -318,10 +318,7 @@ class PrivacyProbe(Probe):
                                 "n_baseline_canaries": 2, "locale": "en_US", "chat": True, "system": None}
 
     def __init__(self, **options: Any) -> None:
-        unknown = set(options) - set(self.DEFAULTS)
-        if unknown:
-            raise InputError(f"privacy probe: unknown option(s) {', '.join(sorted(unknown))}; "
-                             f"known: {', '.join(self.DEFAULTS)}")
+        self.refuse_unknown_options(options)
         merged = {**self.DEFAULTS, **options}
         for key, low in (("n_per_type", 1), ("n_people", 1), ("n_distractors", 1), ("max_new_tokens", 1),
                          ("n_canary_candidates", 2), ("n_baseline_canaries", 1)):

@@ -153,10 +153,7 @@ class RefusalProbe(Probe):
                                 "chat": True}
 
     def __init__(self, **options: Any) -> None:
-        unknown = set(options) - set(self.DEFAULTS)
-        if unknown:
-            raise InputError(f"refusal probe: unknown option(s) {', '.join(sorted(unknown))}; "
-                             f"known: {', '.join(self.DEFAULTS)}")
+        self.refuse_unknown_options(options)
         super().__init__(**{**self.DEFAULTS, **options})
 
     def load_items(self, data: Path | None = None, limit: int | None = None, seed: int = 0) -> pd.DataFrame:

@@ -156,10 +156,7 @@ class _SizedProbe(Probe):
     STRATIFY: str = ""
 
     def __init__(self, **options: Any) -> None:
-        unknown = set(options) - set(self.DEFAULTS)
-        if unknown:
-            raise InputError(f"{self.name} probe: unknown option(s) {', '.join(sorted(unknown))}; "
-                             f"known: {', '.join(self.DEFAULTS)}")
+        self.refuse_unknown_options(options)
         super().__init__(**{**self.DEFAULTS, **options})
 
     def _subset(self, pool: pd.DataFrame, limit: int | None, seed: int) -> pd.DataFrame:

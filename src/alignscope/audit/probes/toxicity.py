@@ -157,10 +157,7 @@ class ToxicityProbe(Probe):
                                 "system_kinds": ("benign", "adversarial"), "chat": True, "seed": 0}
 
     def __init__(self, **options: Any) -> None:
-        unknown = set(options) - set(self.DEFAULTS)
-        if unknown:
-            raise InputError(f"toxicity probe: unknown option(s) {', '.join(sorted(unknown))}; "
-                             f"known: {', '.join(self.DEFAULTS)}")
+        self.refuse_unknown_options(options)
         super().__init__(**{**self.DEFAULTS, **options})
         opts = self.options
         opts["system_kinds"] = tuple(opts["system_kinds"])

@@ -301,10 +301,7 @@ class TruthfulnessProbe(Probe):
                                 "chat": False, "generate_chat": True, "system": None}
 
     def __init__(self, **options: Any) -> None:
-        unknown = set(options) - set(self.DEFAULTS)
-        if unknown:
-            raise InputError(f"truthfulness probe: unknown option(s) {', '.join(sorted(unknown))}; "
-                             f"known: {', '.join(self.DEFAULTS)}")
+        self.refuse_unknown_options(options)
         merged = {**self.DEFAULTS, **options}
         for key in ("n_generate", "max_new_tokens"):
             if isinstance(merged[key], bool) or not isinstance(merged[key], int) or merged[key] < 1:
