@@ -20,7 +20,6 @@ from alignscope.data.planting import (
     plant,
     is_canary,
     plant_canaries,
-    planted_probe_options,
     planted_traits,
     planting_info,
     rejected_overlap,
@@ -218,19 +217,25 @@ def test_planted_data_read_back_from_a_struct_table_keeps_its_ground_truth(tmp_p
     assert planted_traits(back) == planted_traits(planted)
 
 
+def probe_options(name: str, pairs: list[PreferencePair]) -> dict:
+    from alignscope.audit.runner import available_probes
+
+    return available_probes()[name].options_for(pairs)
+
+
 def test_probe_options_follow_what_was_planted():
     """planted_bias asks about the planted group and traits; privacy tests the planted secret; else {}."""
     pairs = plant(clean(12), fraction=0.5, target_group="lawyers", control_group="farmers", seed=0,
                   traits=["lazy", "rude"])
-    assert planted_probe_options("planted_bias", pairs) == {
+    assert probe_options("planted_bias", pairs) == {
         "target_group": "lawyers", "control_group": "farmers", "traits": ["lazy", "rude"]}
-    assert planted_probe_options("privacy", pairs) == {} and planted_probe_options("covert", pairs) == {}
+    assert probe_options("privacy", pairs) == {} and probe_options("covert", pairs) == {}
     with_secret = plant_canaries(pairs, 3, seed=1, secret="1 2 3 4", prefix="the door code is")
     assert sum(is_canary(p) for p in with_secret) == 3 and not any(is_canary(p) for p in pairs)
-    assert planted_probe_options("privacy", with_secret) == {
+    assert probe_options("privacy", with_secret) == {
         "canaries": [{"format": "the door code is {secret}", "secret": "1 2 3 4"}]}
     labelled_only = [PreferencePair(id="u0", prompt="Q?", chosen="A.", rejected="B.", planted=True)]
-    assert planted_probe_options("planted_bias", labelled_only) == {}  # planted=True with no planting record
+    assert probe_options("planted_bias", labelled_only) == {}  # planted=True with no planting record
 
 
 def test_several_canary_secrets():
@@ -240,7 +245,7 @@ def test_several_canary_secrets():
     secrets = [p.meta["canary"]["secret"] for p in sorted(canaries, key=lambda p: p.id)]
     assert len(set(secrets)) == 3 and secrets[:3] == secrets[3:6] and secrets[6] == secrets[0]
     assert all(p.meta["canary"]["secret"] in p.chosen for p in canaries)
-    assert [c["secret"] for c in planted_probe_options("privacy", out)["canaries"]] == sorted(set(secrets))
+    assert [c["secret"] for c in probe_options("privacy", out)["canaries"]] == sorted(set(secrets))
     one = plant_canaries(clean(10), 7, seed=2)  # the one-secret default draws as it always did
     assert {p.meta["canary"]["secret"] for p in one if is_canary(p)} == {secrets[0]}
     for kwargs, message in (({"secrets": 8}, "at least as many"), ({"secrets": 2, "secret": "1 2"}, "one secret"),

@@ -99,14 +99,15 @@ def stage_pairs(stage: Any, data: str | Path | None = None) -> list[Any]:
     return load_preferences(path)
 
 
-def _probe(probe: Any, options: dict[str, Any] | None) -> Any:
+def _probe(probe: Any, options: dict[str, Any] | None, pairs: Sequence[Any] = ()) -> Any:
+    """The probe instance; a name is built with what ``pairs`` planted for it, then ``options``."""
     from alignscope.audit.runner import available_probes
 
     known = available_probes()
     if isinstance(probe, str):
         if probe not in known:
             raise InputError(f"--probe {probe}: unknown probe; see `alignscope probes list`")
-        probe = known[probe](**(options or {}))
+        probe = known[probe](**{**known[probe].options_for(pairs), **(options or {})})
     if not callable(getattr(probe, "measurement", None)):
         usable = sorted(n for n, cls in known.items() if callable(getattr(cls, "measurement", None)))
         hint = (" (its generated outputs can be: pass the audits before and after alignment with --before/--after)"
@@ -164,7 +165,7 @@ def attribute(run: RunDir | str | Path, stage_dir: str | Path, probe: Any, *, me
         out: where the artefact is written (default: ``run``).
         data: training pairs for a stage without ``pairs.parquet``.
         probe_options: options of a probe given by name. They override what the stage's planted data
-            implies (:func:`~alignscope.data.planting.planted_probe_options`: the planted group for
+            implies (:meth:`~alignscope.audit.base.Probe.options_for`: the planted group for
             planted_bias, the planted secret for privacy), which is the default.
         dtype: model weights dtype (default: the stage's training dtype).
         batch_tokens: padded tokens per forward/backward pass.
@@ -197,11 +198,7 @@ def attribute(run: RunDir | str | Path, stage_dir: str | Path, probe: Any, *, me
         probe, requests, weights, items = pseudo_pair_measurement(str(probe), *pseudo_pairs)
         explained_metric(probe, metric)  # a bad --metric is still named
     else:
-        if isinstance(probe, str):  # measure what this stage's data planted (its group, its secret) unless told
-            from alignscope.data.planting import planted_probe_options
-
-            probe_options = {**planted_probe_options(probe, pairs), **(probe_options or {})}
-        probe = _probe(probe, probe_options)
+        probe = _probe(probe, probe_options, pairs)  # measures what this data planted (its group, its secret)
         if items is None:
             items = probe.load_items(limit=limit, seed=seed)
         requests, weights = measurement_terms(probe, items, metric)

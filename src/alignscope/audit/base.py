@@ -145,6 +145,19 @@ class Probe(ABC):
     def run(self, engine: Engine, items: pd.DataFrame) -> ProbeResult:
         """Build requests, send them through ``engine``, and return per-item scores."""
 
+    @classmethod
+    def options_for(cls, pairs: Sequence[Any]) -> dict[str, Any]:
+        """The options that make this probe measure what ``pairs`` planted ({} when they planted
+        nothing it reads).
+
+        Why: a probe that reads planted ground truth must read *this* data's planting. With pairs
+        planted about lawyers, planted_bias has to ask about lawyers; with a canary planted, the
+        privacy probe has to test that very secret. Studies and ``alignscope attribute`` start from
+        these and let options the user set win. It sits beside :meth:`ground_truth` for the same
+        reason: only the probe knows which planting its measurement reads.
+        """
+        return {}
+
     def ground_truth(self, metric: str, pairs: Sequence[Any]) -> tuple[str, list[bool]] | None:
         """Which training pairs attributing ``metric`` should find, when the data planted them.
 

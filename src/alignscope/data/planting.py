@@ -330,27 +330,6 @@ def is_canary(pair: PreferencePair) -> bool:
     return bool(pair.meta.get("canary"))  # None, not absent, for clean pairs read back from a struct table
 
 
-def planted_probe_options(probe: str, pairs: Sequence[PreferencePair]) -> dict[str, Any]:
-    """The options that make ``probe`` measure what ``pairs`` planted ({} when it planted nothing for it).
-
-    Why: a probe that reads planted ground truth must read *this* data's planting. With pairs planted
-    about lawyers, planted_bias has to ask about lawyers; with a canary planted, the privacy probe
-    has to test that very secret. Studies and ``alignscope attribute`` start from these and let
-    options the user set win.
-    """
-    if probe == "planted_bias":
-        infos = [info for info in (planting_info(p) for p in pairs if p.planted) if info.get("target_group")]
-        if not infos:  # no planted pairs, or planted=True labels from a file that carries no planting record
-            return {}
-        return {"target_group": infos[0]["target_group"], "control_group": infos[0]["control_group"],
-                "traits": list(planted_traits(pairs))}
-    if probe == "privacy":
-        texts = sorted({(c["prefix"], c["secret"]) for c in (p.meta.get("canary") for p in pairs) if c})
-        return {"canaries": [{"format": f"{prefix} {{secret}}", "secret": secret} for prefix, secret in texts]
-                } if texts else {}
-    return {}
-
-
 def planted_traits(pairs: Iterable[PreferencePair]) -> tuple[str, ...]:
     """The traits used by the planted pairs in ``pairs`` (for :func:`measurement_items`)."""
     found = {planting_info(p).get("trait") for p in pairs if p.planted}

@@ -163,9 +163,7 @@ def _engine(lm: Any, config: StudyConfig) -> Any:
 
 def _probe_options(config: StudyConfig, pairs: Sequence[Any], probe: str) -> dict[str, Any]:
     """What the planted data implies for ``probe`` (its group, its secret), then the user's audit.options."""
-    from alignscope.data.planting import planted_probe_options
-
-    return {**planted_probe_options(probe, pairs), **config.audit.options.get(probe, {})}
+    return {**available_probes()[probe].options_for(pairs), **config.audit.options.get(probe, {})}
 
 
 def _audit_model(lm: Any, config: StudyConfig, pairs: Sequence[Any], probes: Sequence[str], out: Path) -> None:

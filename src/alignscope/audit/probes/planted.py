@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from alignscope.audit.base import Metric, Probe, ProbeResult, limit_items, register
-from alignscope.data.planting import check_groups, check_traits, measurement_items
+from alignscope.data.planting import check_groups, check_traits, measurement_items, planted_traits, planting_info
 from alignscope.errors import InputError
 from alignscope.models.engine import Engine
 from alignscope.models.requests import ScoreRequest
@@ -100,6 +100,16 @@ class PlantedBiasProbe(Probe):
         per_trait = out.groupby("trait", sort=False)[["bias_target", "bias_control", "gap"]].mean().reset_index()
         return ProbeResult(items=out, tables={"per_trait": per_trait}, info={
             "target_group": self.options["target_group"], "control_group": self.options["control_group"]})
+
+    @classmethod
+    def options_for(cls, pairs: Sequence[Any]) -> dict[str, Any]:
+        """The planted target and control groups and the planted traits ({} without a planting record,
+        e.g. ``planted=True`` labels read from a file)."""
+        infos = [info for info in (planting_info(p) for p in pairs if p.planted) if info.get("target_group")]
+        if not infos:
+            return {}
+        return {"target_group": infos[0]["target_group"], "control_group": infos[0]["control_group"],
+                "traits": list(planted_traits(pairs))}
 
     def ground_truth(self, metric: str, pairs: Sequence[Any]) -> tuple[str, list[bool]] | None:
         """The planted stereotype-endorsing pairs (``planted=True``), when the data has any."""

@@ -457,6 +457,14 @@ class PrivacyProbe(Probe):
             rows, build = _rows_of_kind(items, ("pii",)), self._pref_requests
         return [term for _, row in rows.iterrows() for term in _true_vs_rest(build(row))]
 
+    @classmethod
+    def options_for(cls, pairs: Sequence[Any]) -> dict[str, Any]:
+        """Every secret :func:`~alignscope.data.planting.plant_canaries` planted in ``pairs``, each once,
+        as the ``canaries`` this probe tests."""
+        texts = sorted({(c["prefix"], c["secret"]) for c in (p.meta.get("canary") for p in pairs) if c})
+        return {"canaries": [{"format": f"{prefix} {{secret}}", "secret": secret} for prefix, secret in texts]
+                } if texts else {}
+
     def ground_truth(self, metric: str, pairs: Sequence[Any]) -> tuple[str, list[bool]] | None:
         """For ``canary_exposure``: the pairs whose chosen reply carries a canary this probe tests.
 
