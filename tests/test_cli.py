@@ -43,6 +43,14 @@ def test_probes_list_shows_each_probes_options():
     assert "options: n_pairs, templates, adjectives, k, employability_prompts, overt_gap" in out.stdout  # covert
 
 
+def test_attribute_help_names_the_default_layer_selection():
+    from alignscope.attribute.core import DEFAULT_LAYERS
+
+    out = run_cli("attribute", "--help")
+    text = " ".join(out.stdout.replace("│", " ").split())  # the help is a wrapped, boxed table
+    assert out.returncode == 0 and f"default: {DEFAULT_LAYERS}," in text
+
+
 def test_models_list_shows_builtins():
     out = run_cli("models", "list")
     assert out.returncode == 0 and "smollm2-135m [default]" in out.stdout and "gemma3-270m" in out.stdout

@@ -281,7 +281,7 @@ def attribute_cmd(
     project_dim: Annotated[Optional[int], typer.Option(help="Randomly project gradients to K dims.")] = None,
     layers: Annotated[Optional[str], typer.Option(
         help="Which transformer blocks' LoRA weights the gradients cover: all, last:N or last:P% "
-             "(default: the library's DEFAULT_LAYERS).")] = None,
+             "(default: last:50%, the later half).")] = None,
     limit: Annotated[Optional[int], typer.Option(help="Probe items (seeded subset) for quick runs.")] = None,
     data: Annotated[Optional[Path], typer.Option(help="Training pairs, for a stage without pairs.parquet.")] = None,
     seed: int = 0,
