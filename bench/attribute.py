@@ -8,7 +8,8 @@ One run, same model, data and measurement (the ``planted_bias`` probe's group-sp
      the K-FAC sums) throughput vs the training step's per-pair throughput (median step, steady
      state), and planted-pair AUC / recall@k of every estimator; once per ``--layers`` selection
      (all blocks, and the later blocks only, whose backward stops at the first selected block);
-  2b. ``attribute(..., methods=tracin)`` at the stage's step-0 snapshot (the study default), timed alone;
+  2b. ``attribute(..., methods=tracin)`` at the stage's step-0 snapshot (the study default until
+      session 6), timed alone, over the default layer selection;
   3. ``attribute(..., methods=ekfac)``: kronfluence EK-FAC on the same objective and measurement,
      wall time and AUC, tracking all blocks' LoRA weights and (``--ekfac-layers``) each selection's;
   4. scoring alone on a 2,000-pair × 500-measurement problem (random gradients with the stage's
@@ -17,6 +18,7 @@ One run, same model, data and measurement (the ``planted_bias`` probe's group-sp
 Prints one JSON object (and writes it to ``--out``).
 
     .venv/bin/python bench/attribute.py [--pairs 40] [--planted 0.15] [--epochs 2] [--items 12]
+        [--layers all last:50%] [--ekfac-layers]
 """
 
 from __future__ import annotations
