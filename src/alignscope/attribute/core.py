@@ -49,8 +49,8 @@ DEFAULT_LAYERS = "last:50%"
 #: What ``--method all`` runs: every estimator that needs nothing the stage may lack (checkpoints).
 ALL_METHODS = ("gradsim", "datainf", "ekfac_onepass", "ekfac")
 #: Preference order of the default estimator; raw dot is never the default (see estimators.py). Cosine
-#: before margin: over the later half of the blocks it ranked the planted pairs as well or better on
-#: five seeds and the planted canaries far better (0.95–0.97 vs 0.86–0.88), and its sizes predicted
+#: before margin: over the later half of the blocks it ranked the planted pairs as well as or better on
+#: six seeds, and the planted canaries far better (0.95–0.97 vs 0.86–0.88), and its sizes predicted
 #: the curation retrains as well (BENCHMARKS.md, session 8).
 _DEFAULT_ORDER = ("tracin", "ekfac_onepass", "gradsim_cosine", "margin", "datainf", "ekfac", "kfac")
 
