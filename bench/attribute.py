@@ -122,9 +122,9 @@ def ours_at(run: Path, stage_path: Path, n_pairs: int, items: int, layers: str, 
         "collect_pairs_per_s": round(collect_rate, 3),
         "collect_vs_train_throughput": round(collect_rate / train_pairs_per_s, 3),
         "default_estimator": summary["default_estimator"], "dim": summary["gradients"]["dim"],
+        "lora_weights": summary["gradients"]["lora_weights"],
         "measurement_requests": summary["measurement"]["n_requests"],
         "planted": {name: planted_metrics(summary, name) for name in summary["estimators"]},
-        "summary": summary,
     }
 
 
@@ -173,9 +173,6 @@ def main() -> None:
         by_layers = {spec: ours_at(run, stage.path, len(pairs), args.items, spec, result["train"]["pairs_per_s"])
                      for spec in args.layers}
         result["ours"], result["ours_by_layers"] = by_layers[args.layers[0]], by_layers
-        summary = result["ours"].pop("summary")
-        for row in by_layers.values():
-            row.pop("summary", None)
         attribution_s, onepass_s = result["ours"]["attribution_s"], result["ours"]["ekfac_onepass_s"]
         print(json.dumps({"ours_by_layers": by_layers}), flush=True)
 
@@ -190,7 +187,7 @@ def main() -> None:
                             "planted": planted_metrics(t_summary, "tracin"),
                             "sides": t_summary.get("planted", {}).get("estimators", {}).get("tracin", {}).get("sides")}
         print(json.dumps({"tracin": result["tracin"]}), flush=True)
-        n_layers = summary["gradients"]["lora_weights"]  # LoRA A/B weights the first selection covers
+        n_layers = result["ours"]["lora_weights"]  # LoRA A/B weights the first selection covers
 
         if not args.no_ekfac:
             result["ekfac_by_layers"] = {}

@@ -305,10 +305,6 @@ def attribute_cmd(
         from alignscope.attribute.validation import check_lds_settings
 
         check_lds_settings(lds, lds_fraction)  # before the attribution, not after it
-    if layers is not None:
-        from alignscope.attribute.gradients import check_layers
-
-        check_layers(layers)  # a malformed selection fails before the model loads
     if (before is None) != (after is None):
         raise InputError("--before and --after go together: the audit runs of the model before and after alignment")
     from alignscope.audit.runner import parse_option_overrides

@@ -127,9 +127,7 @@ def check_layers(spec: str | None) -> str:
 
 
 def _select_blocks(blocks: Sequence[int], spec: str) -> set[int]:
-    """The block indices a (checked) selection keeps, out of the LoRA-adapted ``blocks``."""
-    if spec == ALL_LAYERS:
-        return set(blocks)
+    """The block indices a checked ``last:…`` selection keeps, out of the LoRA-adapted ``blocks``."""
     value, share = int(spec[5:].rstrip("%")), spec.endswith("%")
     keep = max(1, math.ceil(len(blocks) * value / 100)) if share else value
     if keep > len(blocks):
@@ -155,13 +153,14 @@ def lora_linears(model: Any, layers: str = ALL_LAYERS) -> list[tuple[str, torch.
     spec = check_layers(layers)
     if spec == ALL_LAYERS:
         return found
-    blocks = [_BLOCK.match(name) for name, _ in found]
-    if any(b is None for b in blocks):
-        outside = next(name for (name, _), b in zip(found, blocks) if b is None)
-        raise InputError(f"layers {spec}: LoRA weight {outside} sits outside the numbered transformer blocks; "
+    matches = [_BLOCK.match(name) for name, _ in found]
+    outside = [name for (name, _), m in zip(found, matches) if m is None]
+    if outside:
+        raise InputError(f"layers {spec}: LoRA weight {outside[0]} sits outside the numbered transformer blocks; "
                          "use layers all for this adapter")
-    keep = _select_blocks(sorted({int(b.group(2)) for b in blocks if b}), spec)
-    return [item for item, b in zip(found, blocks) if b is not None and int(b.group(2)) in keep]
+    blocks = [int(m.group(2)) for m in matches if m is not None]
+    keep = _select_blocks(sorted(set(blocks)), spec)
+    return [item for item, block in zip(found, blocks) if block in keep]
 
 
 def first_block(model: Any, modules: Sequence[tuple[str, Any]]) -> torch.nn.Module:
@@ -181,9 +180,10 @@ class LoraGradients:
         if projection not in ("gaussian", "rademacher"):
             raise InputError(f"projection {projection!r}: use gaussian or rademacher")
         self.model = model
-        self.modules = lora_linears(model, layers)
+        spec = check_layers(layers)
+        self.modules = lora_linears(model, spec)
         # A selection of blocks starts the backward at its first block's input, not at the embeddings.
-        self._start = None if check_layers(layers) == ALL_LAYERS else first_block(model, self.modules)
+        self._start = None if spec == ALL_LAYERS else first_block(model, self.modules)
         self.layers: list[Layer] = []
         self._proj: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
         per_layer = None if project_dim is None else max(1, project_dim // len(self.modules))

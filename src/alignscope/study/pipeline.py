@@ -237,7 +237,7 @@ def run_study(config: StudyConfig, out: Path, *, quick: bool = False,
 
     if config.attribution is not None:
         with record.step("attribute") as entry:
-            artefact = _attribute(config, pairs, finals[config.attributed_arm].path, out)
+            artefact = _attribute(config, finals[config.attributed_arm].path, out)
             entry["artefact"] = record.data["attribution"] = record.relative(artefact)
         if config.curation is not None:
             arm = config.attributed_arm
@@ -253,13 +253,14 @@ def run_study(config: StudyConfig, out: Path, *, quick: bool = False,
     return report
 
 
-def _attribute(config: StudyConfig, pairs: Sequence[Any], stage_dir: Path, out: Path) -> Path:
+def _attribute(config: StudyConfig, stage_dir: Path, out: Path) -> Path:
     from alignscope.attribute import attribute
 
     settings = config.attribution
     assert settings is not None
-    probe = available_probes()[settings.probe](**_probe_options(config, pairs, settings.probe))
-    artefact = attribute(out, stage_dir, probe, metric=settings.metric, methods=config.attribution_methods(),
+    # By name: attribute() builds the probe from what the stage's pairs planted, then the user's options.
+    artefact = attribute(out, stage_dir, settings.probe, probe_options=config.audit.options.get(settings.probe),
+                         metric=settings.metric, methods=config.attribution_methods(),
                          project_dim=settings.project_dim, limit=config.audit.limit, seed=config.seed,
                          layers=settings.layers)
     return artefact.path
