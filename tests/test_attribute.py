@@ -129,6 +129,30 @@ def test_cosine_and_dot_agree_in_sign_and_margin_divides_the_weight_out():
     assert mar.sides["chosen"][:, 0] == pytest.approx(beta * gc @ v)
 
 
+def test_layer_cosine_is_the_mean_of_each_weights_cosine():
+    """Checked against a direct loop; the per-side parts add up; one weight gives the plain cosine."""
+    rng = np.random.default_rng(4)
+    gc, gr = rng.normal(size=(7, 10)), rng.normal(size=(7, 10))
+    gc[0, 4:] = gr[0, 4:] = 0.0  # pair 0 has no gradient on the second and third weights: they count 0
+    coefs = {"loss": {"chosen": -rng.uniform(0.1, 1, 7), "rejected": rng.uniform(0.1, 1, 7)}}
+    slices = [(0, 4), (4, 9), (9, 10)]
+    train = est.ArrayGradients({"chosen": gc, "rejected": gr}, coefs, slices)
+    tests = rng.normal(size=(2, 10))
+    got = est.gradsim_layer_cosine(train, tests)
+    loss = gc * coefs["loss"]["chosen"][:, None] + gr * coefs["loss"]["rejected"][:, None]
+    expected = np.zeros((7, 2))
+    for i in range(7):
+        for t in range(2):
+            for a, b in slices:
+                g, u = loss[i, a:b], tests[t, a:b]
+                if np.linalg.norm(g) > 0:
+                    expected[i, t] -= g @ u / (np.linalg.norm(g) * np.linalg.norm(u)) / len(slices)
+    assert got.total == pytest.approx(expected, rel=1e-10, abs=1e-12)
+    assert got.sides["chosen"] + got.sides["rejected"] == pytest.approx(got.total)
+    whole = est.ArrayGradients({"chosen": gc, "rejected": gr}, coefs, [(0, 10)])
+    assert est.gradsim_layer_cosine(whole, tests).total == pytest.approx(est.gradsim_cosine(whole, tests).total)
+
+
 def test_auc_and_recall():
     scores = np.array([5.0, 4.0, 3.0, 2.0, 1.0])
     assert est.planted_auc(scores, np.array([1, 1, 0, 0, 0])) == 1.0
@@ -138,7 +162,8 @@ def test_auc_and_recall():
 
 
 def test_method_names():
-    assert expand_methods("gradsim") == ("gradsim_dot", "gradsim_cosine", "margin", "self_influence")
+    assert expand_methods("gradsim") == ("gradsim_dot", "gradsim_cosine", "gradsim_layer_cosine", "margin",
+                                         "self_influence")
     assert "datainf" in expand_methods("all") and "ekfac" in expand_methods("all")
     with pytest.raises(InputError, match="bogus"):
         expand_methods(["bogus"])
@@ -191,11 +216,11 @@ def test_sign_convention_and_planted_recovery(trained):
     artefact = attribute(run, result.path, EchoProbe(), methods=["gradsim", "datainf"])
     scores = pd.read_parquet(artefact.file("scores.parquet")).set_index("pair_id")
     summary = json.loads(artefact.file("summary.json").read_text())
-    for name in ("gradsim_dot", "gradsim_cosine", "margin", "datainf"):
+    for name in ("gradsim_dot", "gradsim_cosine", "gradsim_layer_cosine", "margin", "datainf"):
         assert scores.loc["x0", f"score_{name}"] > 0 and scores.loc["x1", f"score_{name}"] > 0, name
     assert np.all(np.sign(scores["score_gradsim_dot"]) == np.sign(scores["score_gradsim_cosine"]))
     default = summary["default_estimator"]
-    assert default == "gradsim_cosine"
+    assert default == "gradsim_layer_cosine"
     assert summary["planted"]["estimators"][default]["auc"] == 1.0
     assert summary["planted"]["estimators"][default]["recall_at_k"] == 1.0
     if result.method == "dpo":  # per-side recovery, computed from the stored side columns
@@ -343,7 +368,7 @@ def test_canary_exposure_attribution_is_checked_against_the_planted_secret(canar
     assert summary["ground_truth"] == "canary" and summary["canary"]["n"] == 2
     scores = pd.read_parquet(artefact.file("scores.parquet"))
     assert set(scores.loc[scores["canary"], "pair_id"]) == {"canary-0-000", "canary-0-001"}
-    for name in ("margin", "gradsim_cosine"):
+    for name in ("margin", "gradsim_cosine", "gradsim_layer_cosine"):
         assert summary["canary"]["estimators"][name]["auc"] == pytest.approx(
             est.planted_auc(scores[f"score_{name}"].to_numpy(), scores["canary"].to_numpy()))
     other = attribute(run, result.path, "privacy", metric="canary_exposure", methods=["gradsim"], limit=1,
@@ -420,7 +445,8 @@ def test_cli_attribute_and_curate(trained, tmp_path, capsys):
     assert cli(["attribute", "--run", str(run), "--stage", result.key, "--probe", "planted_bias", "--method", "gradsim",
           "--limit", "2"]) == 0
     printed = capsys.readouterr().out
-    assert "default estimator: gradsim_cosine" in printed and "planted AUC" in printed and "not a check" not in printed
+    assert "default estimator: gradsim_layer_cosine" in printed and "planted AUC" in printed
+    assert "not a check" not in printed
     assert cli(["attribute", "--run", str(run), "--stage", result.key, "--probe", "crows_pairs", "--method",
                 "gradsim", "--limit", "2"]) == 0
     assert "planted to move planted_bias" in capsys.readouterr().out  # other probes: planted AUC is no check
@@ -465,8 +491,9 @@ def test_lds_retrains_on_random_subsets_and_correlates_predictions(trained):
     for row in table.itertuples():  # the prediction is the retrained subset's own score sum
         subset = load_preferences(RunDir(run).root / "align" / row.stage / "pairs.parquet")
         assert row.predicted_margin == pytest.approx(scores.loc[[p.id for p in subset], "score_margin"].sum())
-    assert set(summary["lds"]) == {"gradsim_dot", "gradsim_cosine", "margin", "chosen_gradsim_cosine",
-                                   "rejected_gradsim_cosine"}  # every linear score, and the default's parts
+    assert set(summary["lds"]) == {"gradsim_dot", "gradsim_cosine", "gradsim_layer_cosine", "margin",
+                                   "chosen_gradsim_layer_cosine", "rejected_gradsim_layer_cosine"}
+    # every linear score, and the default's parts
     assert summary["lds"]["gradsim_dot"] > 0.5, summary["lds"]
     assert linear_datamodeling_score(run, artefact.path, subsets=6, fraction=0.5, seed=2).path == checked.path
 

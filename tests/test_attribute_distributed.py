@@ -55,7 +55,7 @@ def test_two_processes_give_the_same_scores_as_one(tiny_model_dir: Path, tmp_pat
     one_scores = pd.read_parquet(one.file("scores.parquet")).set_index("pair_id").sort_index()
     # ekfac_onepass: each process adds up the K-FAC sums of its own chunks; rank 0 sums the chunk files
     for column in ("score_gradsim_dot", "score_margin", "score_datainf", "score_gradsim_cosine",
-                   "score_ekfac_onepass"):
+                   "score_gradsim_layer_cosine", "score_ekfac_onepass"):
         assert two[column].to_numpy() == pytest.approx(one_scores[column].to_numpy(), rel=1e-4, abs=1e-6)
         assert one_scores[column].abs().max() > 0
     assert two["rank"].tolist() == one_scores["rank"].tolist()

@@ -148,8 +148,9 @@ class CurationSettings(_Strict):
 #: vs 0.78 / 0.79 (BENCHMARKS.md, session 5). So the arm keeps no snapshot and the study attributes
 #: with gradsim + DataInf; `tracin_snapshots: 1` in the arm switches it to TracIn. Since session 8 the
 #: gradients cover the later half of the blocks (attribution.layers, default last:50%: better planted-pair
-#: AUC than all blocks on five of six seeds, pair gradients 30–45 % cheaper) and the default estimator is the
-#: cosine (BENCHMARKS.md, session 8).
+#: AUC than all blocks on five of six seeds, pair gradients 30–45 % cheaper). The default estimator is the
+#: cosine per LoRA weight, averaged (better than the whole-vector cosine on six of six seeds; BENCHMARKS.md,
+#: session 9).
 DEFAULT_ARM = [{"method": "dpo", "learning_rate": 2e-3, "num_train_epochs": 2,
                 "lora": {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                             "down_proj"]}}]
