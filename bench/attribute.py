@@ -15,10 +15,14 @@ One run, same model, data and measurement (the ``planted_bias`` probe's group-sp
   4. scoring alone on a 2,000-pair × 500-measurement problem (random gradients with the stage's
      layer structure, projected size ``--score-dim``): every estimator's time.
 
+With ``--from-run RUN`` step 1 is skipped: the stage an earlier run trained (e.g. the default
+study's, 32 planted among 128 pairs: a finer AUC than the bench stage's 6 among 46) is attributed
+instead, into a scratch run, so nothing is read from that run's caches.
+
 Prints one JSON object (and writes it to ``--out``).
 
     .venv/bin/python bench/attribute.py [--pairs 40] [--planted 0.15] [--epochs 2] [--items 12]
-        [--layers all last:50%] [--ekfac-layers]
+        [--layers all last:50%] [--ekfac-layers] [--from-run RUN [--stage KEY]]
 """
 
 from __future__ import annotations
@@ -30,17 +34,21 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from transformers import TrainerCallback
 
 from alignscope.align import StageConfig, train_stage
+from alignscope.align.stage import ALIGN_STAGE, SNAPSHOT_DIR
 from alignscope.attribute import attribute
+from alignscope.attribute.core import resolve_stage, stage_pairs
 from alignscope.attribute import estimators as est
 from alignscope.data.embedded import load_everyday_prompts
 from alignscope.data.planting import plant
 from alignscope.data.preferences import PreferencePair
+from alignscope.store import RunDir
 
 WORDS = ("the a you can use this that it is to of and for in with on your first then try make sure keep "
          "simple good step water time way idea best small next start plan note list check ask help").split()
@@ -95,6 +103,7 @@ def scoring_problem(n_train: int, n_test: int, dim: int, n_layers: int, seed: in
     out["side_products_s"] = round(time.perf_counter() - started, 3)
     for name, fn in (("gradsim_dot", lambda: est.gradsim_dot(train, test, products)),
                      ("gradsim_cosine", lambda: est.gradsim_cosine(train, test, products)),
+                     ("gradsim_layer_cosine", lambda: est.gradsim_layer_cosine(train, test)),
                      ("margin", lambda: est.margin(train, test, products)),
                      ("datainf", lambda: est.datainf(train, test))):
         t = time.perf_counter()
@@ -108,7 +117,7 @@ def ours_at(run: Path, stage_path: Path, n_pairs: int, items: int, layers: str, 
     """Our one-pass attribution (gradsim, DataInf, one-pass EK-FAC) over one layer selection, timed."""
     started = time.perf_counter()
     ours = attribute(run, stage_path, "planted_bias", methods=["gradsim", "datainf", "ekfac_onepass"], limit=items,
-                     layers=layers)
+                     layers=layers, out=run)
     wall = time.perf_counter() - started
     summary = json.loads(ours.file("summary.json").read_text())
     timings = summary["timings"]
@@ -119,6 +128,7 @@ def ours_at(run: Path, stage_path: Path, n_pairs: int, items: int, layers: str, 
         "attribution_s": round(gradients_s + timings["scoring_s"], 2),
         "gradsim_s": round(gradients_s + timings["score_gradsim_cosine_s"] + timings["score_margin_s"], 2),
         "ekfac_onepass_s": round(gradients_s + timings["score_ekfac_onepass_s"], 2),  # what EK-FAC alone costs here
+        "default_s": round(gradients_s + timings[f"score_{summary['default_estimator']}_s"], 2),
         "collect_pairs_per_s": round(collect_rate, 3),
         "collect_vs_train_throughput": round(collect_rate / train_pairs_per_s, 3),
         "default_estimator": summary["default_estimator"], "dim": summary["gradients"]["dim"],
@@ -126,6 +136,52 @@ def ours_at(run: Path, stage_path: Path, n_pairs: int, items: int, layers: str, 
         "measurement_requests": summary["measurement"]["n_requests"],
         "planted": {name: planted_metrics(summary, name) for name in summary["estimators"]},
     }
+
+
+def trained_stage(args: argparse.Namespace, run: Path) -> tuple[Any, dict]:
+    """Train the bench's own small DPO stage (clean filler + planted pairs), timing every step."""
+    pairs = plant(clean_pairs(args.pairs, args.seed), fraction=args.planted, target_group="teachers",
+                  control_group="nurses", seed=args.seed)
+    timer = StepTimer()
+    cfg = StageConfig(method="dpo", num_train_epochs=args.epochs, learning_rate=args.lr, dtype=args.dtype,
+                      seed=args.seed, save_steps=10_000, tracin_snapshots=1)  # the snapshot changes no weight
+    started = time.perf_counter()
+    stage = train_stage("smollm2-135m", cfg, pairs, run, callbacks=[timer])
+    step = statistics.median(timer.times[1:] or timer.times)
+    return stage, {"pairs": len(pairs), "planted": sum(p.planted for p in pairs), "steps": len(timer.times),
+                   "median_step_s": round(step, 3), "pairs_per_s": round(cfg.per_device_train_batch_size / step, 3),
+                   "wall_s": round(time.perf_counter() - started, 1), "final_loss": stage.summary["final_loss"],
+                   "precision": stage.summary["precision"]}
+
+
+def existing_stage(run: Path, key: str | None) -> tuple[Any, dict]:
+    """A stage an earlier run trained (e.g. the default study's DPO stage, 32 planted among 128 pairs).
+
+    Its training throughput is the stage's recorded mean over the whole run (``pairs_per_s``), not a
+    median step, so the collection-vs-training ratio is only indicative there."""
+    stages = sorted((run / ALIGN_STAGE).glob("*/summary.json"))
+    if key is None and len(stages) != 1:
+        raise SystemExit(f"--from-run {run}: {len(stages)} align stages; name one with --stage KEY")
+    stage = resolve_stage(RunDir(run), key or stages[0].parent.name)
+    pairs = stage_pairs(stage)
+    return stage, {"from_run": str(run), "stage": stage.key, "pairs": len(pairs),
+                   "planted": sum(p.planted for p in pairs), "steps": stage.summary["steps"],
+                   "pairs_per_s": stage.summary["pairs_per_s"], "train_time_s": stage.summary["train_time_s"],
+                   "final_loss": stage.summary["final_loss"], "precision": stage.summary["precision"]}
+
+
+def tracin_at(run: Path, stage_path: Path, items: int | None) -> dict:
+    """TracIn at the stage's snapshots (the study default until session 6), timed alone."""
+    started = time.perf_counter()
+    traced = attribute(run, stage_path, "planted_bias", methods=["tracin"], limit=items, out=run)
+    wall = time.perf_counter() - started
+    summary = json.loads(traced.file("summary.json").read_text())
+    t = summary["timings"]
+    tracin_s = sum(v for k, v in t.items() if k.startswith(("train_gradients", "measurement_gradients"))) \
+        + t["scoring_s"]
+    return {"wall_s": round(wall, 2), "attribution_s": round(tracin_s, 2), "timings": t,
+            "planted": planted_metrics(summary, "tracin"),
+            "sides": summary.get("planted", {}).get("estimators", {}).get("tracin", {}).get("sides")}
 
 
 def main() -> None:
@@ -143,57 +199,44 @@ def main() -> None:
                         help="layer selections to time ours with (the first is the one the speed-ups quote)")
     parser.add_argument("--ekfac-layers", action="store_true",
                         help="also run kronfluence on each selection's LoRA weights (one more EK-FAC fit each)")
+    parser.add_argument("--from-run", type=Path, default=None,
+                        help="attribute a stage an earlier run trained (e.g. a default study's run directory) "
+                             "instead of training the bench stage; results go to a scratch run")
+    parser.add_argument("--stage", default=None, help="with --from-run: the align stage key (default: the only one)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("bench/results/attribute.json"))
     parser.add_argument("--keep", type=Path, default=None,
                         help="a fresh run directory to keep (stage, gradients, attributions); default: a temporary one")
     args = parser.parse_args()
-    result: dict = {"args": vars(args) | {"out": str(args.out)}, "threads": torch.get_num_threads(),
+    result: dict = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                    "threads": torch.get_num_threads(),
                     "loadavg_start": open("/proc/loadavg").read().split()[0] if Path("/proc/loadavg").exists() else None}
 
-    pairs = plant(clean_pairs(args.pairs, args.seed), fraction=args.planted, target_group="teachers",
-                  control_group="nurses", seed=args.seed)
-    n_planted = sum(p.planted for p in pairs)
     with tempfile.TemporaryDirectory(prefix="attr-bench-") as tmp:
         run = args.keep or Path(tmp)
-        timer = StepTimer()
-        cfg = StageConfig(method="dpo", num_train_epochs=args.epochs, learning_rate=args.lr, dtype=args.dtype,
-                          seed=args.seed, save_steps=10_000, tracin_snapshots=1)  # the snapshot changes no weight
-        started = time.perf_counter()
-        stage = train_stage("smollm2-135m", cfg, pairs, run, callbacks=[timer])
-        step = statistics.median(timer.times[1:] or timer.times)
-        result["train"] = {"pairs": len(pairs), "planted": n_planted, "steps": len(timer.times),
-                           "median_step_s": round(step, 3),
-                           "pairs_per_s": round(cfg.per_device_train_batch_size / step, 3),
-                           "wall_s": round(time.perf_counter() - started, 1),
-                           "final_loss": stage.summary["final_loss"], "precision": stage.summary["precision"]}
+        stage, result["train"] = existing_stage(args.from_run, args.stage) if args.from_run else \
+            trained_stage(args, run)
         print(json.dumps({"train": result["train"]}), flush=True)
+        n_pairs = result["train"]["pairs"]
 
-        by_layers = {spec: ours_at(run, stage.path, len(pairs), args.items, spec, result["train"]["pairs_per_s"])
+        by_layers = {spec: ours_at(run, stage.path, n_pairs, args.items, spec, result["train"]["pairs_per_s"])
                      for spec in args.layers}
         result["ours"], result["ours_by_layers"] = by_layers[args.layers[0]], by_layers
         attribution_s, onepass_s = result["ours"]["attribution_s"], result["ours"]["ekfac_onepass_s"]
         print(json.dumps({"ours_by_layers": by_layers}), flush=True)
 
-        started = time.perf_counter()  # the study's default: TracIn at the step-0 snapshot, alone
-        traced = attribute(run, stage.path, "planted_bias", methods=["tracin"], limit=args.items)
-        tracin_wall = time.perf_counter() - started
-        t_summary = json.loads(traced.file("summary.json").read_text())
-        t = t_summary["timings"]
-        tracin_s = sum(v for k, v in t.items() if k.startswith(("train_gradients", "measurement_gradients"))) \
-            + t["scoring_s"]
-        result["tracin"] = {"wall_s": round(tracin_wall, 2), "attribution_s": round(tracin_s, 2), "timings": t,
-                            "planted": planted_metrics(t_summary, "tracin"),
-                            "sides": t_summary.get("planted", {}).get("estimators", {}).get("tracin", {}).get("sides")}
-        print(json.dumps({"tracin": result["tracin"]}), flush=True)
+        if any((stage.path / SNAPSHOT_DIR).glob("step-*")):  # a study stage usually keeps none
+            result["tracin"] = tracin_at(run, stage.path, args.items)
+            print(json.dumps({"tracin": result["tracin"]}), flush=True)
         n_layers = result["ours"]["lora_weights"]  # LoRA A/B weights the first selection covers
 
         if not args.no_ekfac:
             result["ekfac_by_layers"] = {}
             for spec in (["all", *[x for x in args.layers if x != "all"]] if args.ekfac_layers else ["all"]):
                 started = time.perf_counter()
-                theirs = attribute(run, stage.path, "planted_bias", methods=["ekfac"], limit=args.items, layers=spec)
+                theirs = attribute(run, stage.path, "planted_bias", methods=["ekfac"], limit=args.items, layers=spec,
+                                   out=run)
                 ek = json.loads(theirs.file("summary.json").read_text())
                 result["ekfac_by_layers"][spec] = {"wall_s": round(time.perf_counter() - started, 2),
                                                    "ekfac_s": round(ek["timings"]["score_ekfac_s"], 2),
@@ -206,13 +249,15 @@ def main() -> None:
             result["speedup_onepass_vs_ekfac"] = round(ek_s / onepass_s, 2)
             result["speedup_by_layers"] = {spec: {"attribution": round(ek_s / row["attribution_s"], 2),
                                                   "gradsim": round(ek_s / row["gradsim_s"], 2),
+                                                  "default": round(ek_s / row["default_s"], 2),
                                                   "ekfac_onepass": round(ek_s / row["ekfac_onepass_s"], 2)}
                                            for spec, row in by_layers.items()}
             result["auc_onepass"] = result["ours"]["planted"]["ekfac_onepass"]["auc"]
             result["auc_ours_default"] = result["ours"]["planted"][default]["auc"]
             result["auc_ekfac"] = result["ekfac"]["planted"]["auc"]
-            result["speedup_tracin_vs_ekfac"] = round(ek_s / result["tracin"]["attribution_s"], 2)
-            result["auc_tracin"] = result["tracin"]["planted"]["auc"]
+            if "tracin" in result:
+                result["speedup_tracin_vs_ekfac"] = round(ek_s / result["tracin"]["attribution_s"], 2)
+                result["auc_tracin"] = result["tracin"]["planted"]["auc"]
 
     result["scoring"] = scoring_problem(args.score_train, args.score_test, args.score_dim, n_layers, args.seed)
     print(json.dumps({"scoring": result["scoring"]}), flush=True)
