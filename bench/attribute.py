@@ -161,7 +161,8 @@ def existing_stage(run: Path, key: str | None) -> tuple[Any, dict]:
     median step, so the collection-vs-training ratio is only indicative there."""
     stages = sorted((run / ALIGN_STAGE).glob("*/summary.json"))
     if key is None and len(stages) != 1:
-        raise SystemExit(f"--from-run {run}: {len(stages)} align stages; name one with --stage KEY")
+        keys = ", ".join(path.parent.name for path in stages) or "none"
+        raise SystemExit(f"--from-run {run}: {len(stages)} align stages ({keys}); name one with --stage KEY")
     stage = resolve_stage(RunDir(run), key or stages[0].parent.name)
     pairs = stage_pairs(stage)
     return stage, {"from_run": str(run), "stage": stage.key, "pairs": len(pairs),
