@@ -193,11 +193,11 @@ def gradsim_layer_cosine(train: Gradients, test: np.ndarray) -> Scores:
     for rows in _chunks(n, 3 * _dim(train)):  # the loss rows and both sides' rows are held at once
         loss = loss_rows(train, rows)
         raw = {side: np.asarray(train.side(side)[rows], dtype=np.float64) for side in train.sides}
+        coefs = {side: train.coef("loss", side)[rows, None] for side in train.sides}  # once per chunk, not per weight
         for part, test_norm in zip(layers, test_norms):
             scale = 1.0 / np.maximum(np.linalg.norm(loss[:, part], axis=1)[:, None] * test_norm[None, :], 1e-30)
             for side in train.sides:
-                coef = train.coef("loss", side)[rows, None]
-                sides[side][rows] -= coef * (raw[side][:, part] @ u[:, part].T) * scale
+                sides[side][rows] -= coefs[side] * (raw[side][:, part] @ u[:, part].T) * scale
     sides = {side: value / max(len(layers), 1) for side, value in sides.items()}
     return Scores(sum(sides.values()), sides)  # type: ignore[arg-type]
 
