@@ -116,6 +116,12 @@ def _numbers(obj) -> set[str]:
     return out
 
 
+def test_format_value_avoids_scientific_notation_for_thousands() -> None:
+    assert format_value(1270.4) == "1270" and format_value(-2500.0) == "-2500"
+    assert format_value(0.000123) == "0.000123" and format_value(2.5e7) == "2.5e+07"
+    assert format_value(0.7828) == "0.783" and format_value(0.00021, "p") == "0.00021" and format_value(3) == "3"
+
+
 def test_every_number_shown_is_in_report_json(built):
     paths, doc = built
     cells = parse(paths.html).num_cells

@@ -37,6 +37,9 @@ def test_study_writes_every_step(tiny_run: Path) -> None:
     assert all(s["status"] in ("done", "cached") and s["seconds"] >= 0 for s in record["stages"])
     pairs = pd.read_parquet(tiny_run / record["data"] / "pairs.parquet")
     assert pairs["planted"].sum() >= 1 and (~pairs["planted"]).sum() >= 1
+    planted_with = json.loads((tiny_run / record["data"] / "summary.json").read_text())["plant"]
+    assert planted_with["traits"] and planted_with["contrast_groups"]  # the defaults, named rather than null
+    assert "teachers" not in planted_with["contrast_groups"]
     comparison = pd.read_parquet(tiny_run / record["comparisons"][0]["path"] / "comparison.parquet")
     assert "group_gap" in set(comparison["metric"])
     curve = pd.read_parquet(tiny_run / record["curation"] / "curve.parquet")
@@ -170,5 +173,11 @@ def test_random_control_summarises_the_draws_and_flags_a_single_one() -> None:
     assert summary["k8"]["draws"] == 3 and summary["k8"]["mean_fraction_removed"] == pytest.approx(0.1)
     assert (summary["k8"]["min_fraction_removed"], summary["k8"]["max_fraction_removed"]) == (-0.1, 0.3)
     assert "warning" not in summary["k8"] and summary["k8"]["mean_predicted_fraction_removed"] == pytest.approx(0.05)
+    # the attributed drop removed more than all 3 draws: the rank test's floor, 1/4
+    assert summary["k8"]["attributed_fraction_removed"] == 0.9 and summary["k8"]["rank_p_value"] == 0.25
     assert summary["k4"] == {"draws": 1, "mean_fraction_removed": 0.4, "min_fraction_removed": 0.4,
-                             "max_fraction_removed": 0.4, "warning": ONE_DRAW_WARNING}
+                             "max_fraction_removed": 0.4, "attributed_fraction_removed": 0.5, "rank_p_value": 0.5,
+                             "warning": ONE_DRAW_WARNING}
+    # a draw removing as much as the attributed drop counts against it (ties are not broken in its favour)
+    tied = _random_control([row(8, "attributed", 0.3), row(8, "random", 0.3), row(8, "random", 0.5)])
+    assert tied["k8"]["rank_p_value"] == 1.0

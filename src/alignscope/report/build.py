@@ -87,7 +87,11 @@ def is_number(value: Any) -> bool:
 
 
 def format_value(value: Any, kind: str = "text") -> str:
-    """How a stored value is printed: 3 significant digits (p-values 2), '–' for missing."""
+    """How a stored value is printed: 3 significant digits (p-values 2), '–' for missing.
+
+    Numbers from 1,000 to under a million keep their integer part (a study's 1270 seconds reads
+    as 1270, not 1.27e+03); scientific notation is kept for the very large and very small.
+    """
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "–"
     if isinstance(value, bool):
@@ -97,5 +101,7 @@ def format_value(value: Any, kind: str = "text") -> str:
     if isinstance(value, float):
         if value == 0:
             return "0"
+        if kind != "p" and 1e3 <= abs(value) < 1e6:
+            return f"{value:.0f}"
         return f"{value:.2g}" if kind == "p" else f"{value:.3g}"
     return str(value)

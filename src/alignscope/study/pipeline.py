@@ -127,14 +127,17 @@ def make_data(engine: Any, config: StudyConfig, run: RunDir) -> tuple[list[Any],
         pairs = list(pairs)
     else:
         pairs = load_preferences(settings.source)
+    planted_with = inputs["plant"]
     if settings.plant is not None:
-        from alignscope.data.planting import default_contrast_groups, plant
+        from alignscope.data.planting import check_traits, default_contrast_groups, plant
 
         p = settings.plant
         contrast = (p.contrast_groups if p.contrast_groups is not None
                     else default_contrast_groups(p.target_group, p.control_group))
         pairs = plant(pairs, fraction=p.fraction, target_group=p.target_group, control_group=p.control_group,
                       seed=config.seed, traits=p.traits, contrast_groups=contrast)
+        # the summary names what was planted, defaults resolved (the key keeps the config as written)
+        planted_with = {**planted_with, "traits": list(check_traits(p.traits)), "contrast_groups": list(contrast)}
     if settings.canaries is not None:
         from alignscope.data.planting import plant_canaries
 
@@ -146,7 +149,7 @@ def make_data(engine: Any, config: StudyConfig, run: RunDir) -> tuple[list[Any],
             "n_pairs": len(pairs), "n_planted": sum(p.planted for p in pairs),
             "n_contrast": sum(planting_info(p).get("role") == "contrast" for p in pairs),
             "n_canaries": sum(is_canary(p) for p in pairs), **stats,
-            "source": settings.source or "synthesised from the base model", "plant": inputs["plant"]})
+            "source": settings.source or "synthesised from the base model", "plant": planted_with})
     # Train on what was stored (Parquet normalises meta), so a resumed study trains on identical pairs.
     path = run.path("data", inputs)
     return pairs_from_frame(pd.read_parquet(path / "pairs.parquet")), path
@@ -365,7 +368,7 @@ PREDICTION_DEFINITION = ("predicted_fraction_removed = the share an additive mod
                          "seen that much more often")
 
 #: The spread one random drop showed on the default study: read a single draw with it in mind.
-ONE_DRAW_WARNING = ("one random draw: on the default study, draws of the same size removed between -15 % and 41 % "
+ONE_DRAW_WARNING = ("one random draw: on the default study, draws of the same size removed between -45 % and 42 % "
                     "of the increase, so add curation.random_seeds before reading the control")
 
 
@@ -374,7 +377,9 @@ def _random_control(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
     Why: one random retrain is a noisy control (retraining on a different data order moves the
     metric by itself), so the summary gives the mean and range over draws, and says so when there
-    is only one.
+    is only one. ``rank_p_value`` is the exact rank test of the attributed drop against the draws:
+    (1 + draws removing at least as much) / (draws + 1), the chance a drop exchangeable with the
+    random ones would rank as high. Its floor is 1/(draws + 1), so it takes 19 draws to reach 0.05.
     """
     out: dict[str, dict[str, Any]] = {}
     for k in dict.fromkeys(row["k"] for row in rows):
@@ -387,6 +392,11 @@ def _random_control(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         predicted = [row.get("predicted_fraction_removed") for row in rows if row["k"] == k and row["arm"] == "random"]
         if predicted and None not in predicted:
             entry["mean_predicted_fraction_removed"] = statistics.fmean(predicted)
+        attributed = [row["fraction_of_increase_removed"] for row in rows if row["k"] == k
+                      and row["arm"] == "attributed" and row["fraction_of_increase_removed"] is not None]
+        if attributed:
+            entry["attributed_fraction_removed"] = attributed[0]
+            entry["rank_p_value"] = (1 + sum(share >= attributed[0] for share in shares)) / (len(shares) + 1)
         if len(shares) == 1:
             entry["warning"] = ONE_DRAW_WARNING
         out[f"k{k}"] = entry
