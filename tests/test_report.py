@@ -117,7 +117,7 @@ def _numbers(obj) -> set[str]:
 
 
 def test_format_value_avoids_scientific_notation_for_thousands() -> None:
-    assert format_value(1270.4) == "1270" and format_value(-2500.0) == "-2500"
+    assert format_value(1270.4) == "1270" and format_value(-2500.0) == "-2500" and format_value(999.7) == "1000"
     assert format_value(0.000123) == "0.000123" and format_value(2.5e7) == "2.5e+07"
     assert format_value(0.7828) == "0.783" and format_value(0.00021, "p") == "0.00021" and format_value(3) == "3"
 

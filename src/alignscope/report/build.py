@@ -101,7 +101,7 @@ def format_value(value: Any, kind: str = "text") -> str:
     if isinstance(value, float):
         if value == 0:
             return "0"
-        if kind != "p" and 1e3 <= abs(value) < 1e6:
+        if kind != "p" and 1e3 <= abs(float(f"{value:.3g}")) < 1e6:  # 999.7 rounds to 1000 here
             return f"{value:.0f}"
         return f"{value:.2g}" if kind == "p" else f"{value:.3g}"
     return str(value)
