@@ -191,9 +191,9 @@ def gradsim_layer_cosine(train: Gradients, test: np.ndarray) -> Scores:
     test_norms = [np.linalg.norm(u[:, part], axis=1) for part in layers]
     sides = {side: np.zeros((n, u.shape[0])) for side in train.sides}
     for rows in _chunks(n, 3 * _dim(train)):  # the loss rows and both sides' rows are held at once
-        loss = loss_rows(train, rows)
         raw = {side: np.asarray(train.side(side)[rows], dtype=np.float64) for side in train.sides}
         coefs = {side: train.coef("loss", side)[rows, None] for side in train.sides}  # once per chunk, not per weight
+        loss = sum(raw[side] * coefs[side] for side in train.sides)  # as loss_rows, without reading the sides again
         for part, test_norm in zip(layers, test_norms):
             scale = 1.0 / np.maximum(np.linalg.norm(loss[:, part], axis=1)[:, None] * test_norm[None, :], 1e-30)
             for side in train.sides:
