@@ -312,3 +312,73 @@ def test_unknown_config_key_is_named(tmp_path):
     assert ok.resolved("loss_type") == ["sigmoid", "sft"]
     assert StageConfig(method="ipo").resolved("loss_type") == ["ipo"]
     assert StageConfig(method="sft", finetune="full").resolved("learning_rate") == pytest.approx(2e-5)
+
+
+
+# ------------------------------------------------------------------ data order
+
+
+def _training_rows(monkeypatch, tokenizer) -> list[str]:
+    """Patch our trainers' training step to record the rows each micro-batch trains on, as text
+    (DPO batches stack the chosen rows, then the rejected ones; the chosen half names the pair)."""
+    from alignscope.align import recipes
+
+    seen: list[str] = []
+    original = recipes.FiniteLossGuard.training_step
+
+    def recording(self, model, inputs, num_items_in_batch=None):
+        ids = inputs["input_ids"]
+        rows = ids[: len(ids) // 2] if "ref_chosen_logps" in inputs else ids
+        seen.extend(tokenizer.decode(row, skip_special_tokens=True) for row in rows)
+        return original(self, model, inputs, num_items_in_batch)
+
+    monkeypatch.setattr(recipes.FiniteLossGuard, "training_step", recording)
+    return seen
+
+
+def _orders(method: str, data_order: str, tiny_model_dir, tmp_path, monkeypatch, data_seed: int | None = None
+            ) -> tuple[list[str], list[str]]:
+    """Rows in training order over two epochs, on 8 pairs and on the same pairs without two of them."""
+    from transformers import AutoTokenizer
+
+    pairs = easy_pairs(8)
+    cfg = stage(method=method, data_order=data_order, max_steps=-1, num_train_epochs=2, per_device_train_batch_size=2,
+                data_seed=data_seed)
+    orders = []
+    for name, data in (("full", pairs), ("dropped", [p for i, p in enumerate(pairs) if i not in (1, 5)])):
+        seen = _training_rows(monkeypatch, AutoTokenizer.from_pretrained(tiny_model_dir))
+        train_stage(str(tiny_model_dir), cfg, data, tmp_path / name)
+        orders.append(list(seen))
+    return orders[0], orders[1]
+
+
+@pytest.mark.parametrize("method", ["dpo", "sft", "kto"])
+def test_stable_order_keeps_the_kept_rows_order_when_pairs_are_dropped(method, tiny_model_dir, tmp_path, monkeypatch):
+    full, dropped = _orders(method, "stable", tiny_model_dir, tmp_path, monkeypatch)
+    rows_per_epoch = len(full) // 2
+    assert len(set(full)) == rows_per_epoch and sorted(full[:rows_per_epoch]) == sorted(full[rows_per_epoch:])
+    assert full[:rows_per_epoch] != full[rows_per_epoch:]  # each epoch has its own order
+    kept = set(dropped)
+    assert len(kept) == rows_per_epoch * 6 // 8
+    assert dropped == [row for row in full if row in kept]
+    if method == "dpo":  # data_seed alone changes the order, and again drops keep it
+        other, other_dropped = _orders(method, "stable", tiny_model_dir, tmp_path / "s1", monkeypatch, data_seed=1)
+        assert sorted(other) == sorted(full) and other != full
+        assert other_dropped == [row for row in other if row in kept]
+
+
+def test_data_order_and_data_seed_enter_the_cache_key_only_when_set():
+    """Stages trained before the option existed keep their keys; rloo (own sampler) never reads it."""
+    assert "data_order" not in StageConfig(method="dpo").result_dict()
+    assert StageConfig(method="dpo", data_order="stable").result_dict()["data_order"] == "stable"
+    assert "data_order" not in StageConfig(method="rloo", data_order="stable").result_dict()
+    assert "data_seed" not in StageConfig().result_dict() and StageConfig(data_seed=3).result_dict()["data_seed"] == 3
+    with pytest.raises(Exception, match="data_order"):
+        StageConfig(method="dpo", data_order="sorted")
+
+
+def test_the_trainers_shuffle_reorders_the_kept_rows(tiny_model_dir, tmp_path, monkeypatch):
+    """The premise of ``data_order: stable``: with the default shuffle, dropping two pairs reorders the rest."""
+    full, dropped = _orders("dpo", "shuffle", tiny_model_dir, tmp_path, monkeypatch)
+    assert sorted(dropped) == sorted(row for row in full if row in set(dropped))
+    assert dropped != [row for row in full if row in set(dropped)]
