@@ -315,6 +315,7 @@ def test_unknown_config_key_is_named(tmp_path):
 
 
 
+
 # ------------------------------------------------------------------ data order
 
 
@@ -336,49 +337,22 @@ def _training_rows(monkeypatch, tokenizer) -> list[str]:
     return seen
 
 
-def _orders(method: str, data_order: str, tiny_model_dir, tmp_path, monkeypatch, data_seed: int | None = None
-            ) -> tuple[list[str], list[str]]:
-    """Rows in training order over two epochs, on 8 pairs and on the same pairs without two of them."""
+def test_data_seed_changes_the_order_of_the_same_rows(tiny_model_dir, tmp_path, monkeypatch):
     from transformers import AutoTokenizer
 
-    pairs = easy_pairs(8)
-    cfg = stage(method=method, data_order=data_order, max_steps=-1, num_train_epochs=2, per_device_train_batch_size=2,
-                data_seed=data_seed)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     orders = []
-    for name, data in (("full", pairs), ("dropped", [p for i, p in enumerate(pairs) if i not in (1, 5)])):
-        seen = _training_rows(monkeypatch, AutoTokenizer.from_pretrained(tiny_model_dir))
-        train_stage(str(tiny_model_dir), cfg, data, tmp_path / name)
+    for data_seed in (None, 0, 1):
+        seen = _training_rows(monkeypatch, tokenizer)
+        cfg = stage(method="dpo", max_steps=-1, num_train_epochs=1, per_device_train_batch_size=2, data_seed=data_seed)
+        train_stage(str(tiny_model_dir), cfg, easy_pairs(8), tmp_path / str(data_seed))
         orders.append(list(seen))
-    return orders[0], orders[1]
+    unset, same, other = orders
+    assert len(unset) == 8 and unset == same  # unset means the stage seed
+    assert sorted(other) == sorted(unset) and other != unset
 
 
-@pytest.mark.parametrize("method", ["dpo", "sft", "kto"])
-def test_stable_order_keeps_the_kept_rows_order_when_pairs_are_dropped(method, tiny_model_dir, tmp_path, monkeypatch):
-    full, dropped = _orders(method, "stable", tiny_model_dir, tmp_path, monkeypatch)
-    rows_per_epoch = len(full) // 2
-    assert len(set(full)) == rows_per_epoch and sorted(full[:rows_per_epoch]) == sorted(full[rows_per_epoch:])
-    assert full[:rows_per_epoch] != full[rows_per_epoch:]  # each epoch has its own order
-    kept = set(dropped)
-    assert len(kept) == rows_per_epoch * 6 // 8
-    assert dropped == [row for row in full if row in kept]
-    if method == "dpo":  # data_seed alone changes the order, and again drops keep it
-        other, other_dropped = _orders(method, "stable", tiny_model_dir, tmp_path / "s1", monkeypatch, data_seed=1)
-        assert sorted(other) == sorted(full) and other != full
-        assert other_dropped == [row for row in other if row in kept]
-
-
-def test_data_order_and_data_seed_enter_the_cache_key_only_when_set():
-    """Stages trained before the option existed keep their keys; rloo (own sampler) never reads it."""
-    assert "data_order" not in StageConfig(method="dpo").result_dict()
-    assert StageConfig(method="dpo", data_order="stable").result_dict()["data_order"] == "stable"
-    assert "data_order" not in StageConfig(method="rloo", data_order="stable").result_dict()
-    assert "data_seed" not in StageConfig().result_dict() and StageConfig(data_seed=3).result_dict()["data_seed"] == 3
-    with pytest.raises(Exception, match="data_order"):
-        StageConfig(method="dpo", data_order="sorted")
-
-
-def test_the_trainers_shuffle_reorders_the_kept_rows(tiny_model_dir, tmp_path, monkeypatch):
-    """The premise of ``data_order: stable``: with the default shuffle, dropping two pairs reorders the rest."""
-    full, dropped = _orders("dpo", "shuffle", tiny_model_dir, tmp_path, monkeypatch)
-    assert sorted(dropped) == sorted(row for row in full if row in set(dropped))
-    assert dropped != [row for row in full if row in set(dropped)]
+def test_data_seed_enters_the_cache_key_only_when_set():
+    """Stages trained before the option existed keep their keys."""
+    assert "data_seed" not in StageConfig().result_dict()
+    assert StageConfig(data_seed=3).result_dict()["data_seed"] == 3

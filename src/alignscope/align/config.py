@@ -59,7 +59,6 @@ METHOD_FIELDS: dict[str, tuple[str, ...]] = {
     "precompute_ref_log_probs": ("dpo", "ipo"), "precompute_ref_batch_size": ("dpo", "ipo"),
     "loss_weights": ("dpo", "ipo"), "label_smoothing": ("dpo", "ipo", "simpo"),
     "max_completion_length": ("orpo", "simpo", "rloo"), "truncation_mode": ("sft", "dpo", "ipo"),
-    "data_order": ("sft", "dpo", "ipo", "orpo", "kto", "simpo"),
     "beta": ("dpo", "ipo", "orpo", "kto", "simpo", "rloo"), "loss_type": ("dpo", "ipo", "kto", "simpo"),
 }
 
@@ -114,13 +113,9 @@ class StageConfig(BaseModel):
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory (TRL defaults to True; "
                                          "off here because small models on CPU are compute-bound).")
     seed: int = 0
-    data_seed: int | None = Field(None, description="Seed of the data order alone (None: seed); the adapter's "
-                                  "initialisation keeps seed, so changing it measures what the order does.")
-    data_order: Literal["shuffle", "stable"] = Field(
-        "shuffle", description="How each epoch orders the rows. shuffle: the trainer's seeded permutation of "
-        "the whole data, so removing one pair reorders all the others. stable: rows sorted by a seeded hash "
-        "of (epoch, row), so removing pairs leaves the others' order unchanged; retrains that drop pairs "
-        "(curation, LDS) then differ from the original only by the pairs dropped. Not read by rloo.")
+    data_seed: int | None = Field(None, description="Seed of the data order alone (None: seed). The adapter's "
+                                  "initialisation keeps seed, so a retrain with another data_seed shows how much "
+                                  "the order by itself moves a result.")
 
     # tokenisation
     max_length: int | None = Field(512, ge=8, description="Prompt + completion tokens; longer examples are "
@@ -224,8 +219,6 @@ class StageConfig(BaseModel):
             out.pop("lora", None)
         if not self.tracin_snapshots:
             out.pop("tracin_snapshots")  # keeps the keys of stages from before the option existed
-        if self.data_order == "shuffle":
-            out.pop("data_order", None)  # likewise
         if self.data_seed is None:
             out.pop("data_seed")  # likewise
         return out

@@ -5,8 +5,7 @@ Everything here is TRL + PEFT; the only trainer code of our own is
 - ``FiniteLossGuard``: stops at the first non-finite loss, *before* the optimizer applies it (TRL's
   ``logging_nan_inf_filter`` would otherwise hide it from the logs), agreeing across processes;
 - the reference-cache override of DPO's precompute hook (``alignscope.align.reference``);
-- ``completion_positions_only``: TRL's fused LM head scores only the labelled positions on CPU too;
-- ``StableOrderSampler`` (``data_order: stable``): an epoch order that dropping rows does not reshuffle.
+- ``completion_positions_only``: TRL's fused LM head scores only the labelled positions on CPU too.
 
 Data per method (all conversational, so the tokenizer's chat template is applied by TRL):
 
@@ -26,10 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import json
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -70,54 +67,6 @@ class FiniteLossGuard:
 
 def _guarded(cls: type) -> type:
     return type(f"Guarded{cls.__name__}", (FiniteLossGuard, cls), {})
-
-
-#: Columns TRL derives from *other* rows or from a batched pass (DPO's reference log-probs, KTO's
-#: mismatched KL completions): they can change when rows are dropped, so they are not row identity.
-DERIVED_COLUMN_PREFIXES = ("ref_", "KL_")
-
-
-def row_digests(dataset: Any) -> list[bytes]:
-    """One digest per training row, from its own content after TRL's processing (token ids, label),
-    so the same row has the same digest in any subset of the data."""
-    columns = [c for c in dataset.column_names if not c.startswith(DERIVED_COLUMN_PREFIXES)]
-    rows = dataset.select_columns(columns)
-    return [hashlib.blake2b(json.dumps(row, sort_keys=True, default=str).encode(), digest_size=16).digest()
-            for row in rows]
-
-
-class StableOrderSampler(torch.utils.data.Sampler[int]):
-    """Each epoch visits the rows sorted by a seeded hash of (seed, epoch, row content).
-
-    Why: the trainer's shuffle is a permutation of the whole data, so a retrain that drops k pairs
-    sees every other pair at a different time too. On the default study that alone moved the
-    planted increase by a factor of two (BENCHMARKS.md), drowning the effect of the dropped pairs.
-    Sorting by a per-row hash keeps the kept rows' relative order in every epoch.
-    """
-
-    def __init__(self, digests: Sequence[bytes], seed: int) -> None:
-        self.digests = list(digests)
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return len(self.digests)
-
-    def __iter__(self) -> Iterator[int]:
-        salt = f"{self.seed}:{self.epoch}:".encode()
-        ranks = [hashlib.blake2b(salt + d, digest_size=8).digest() for d in self.digests]
-        return iter(sorted(range(len(ranks)), key=lambda i: (ranks[i], i)))
-
-
-class StableDataOrder:
-    """Mixin for a ``transformers.Trainer``: train in ``StableOrderSampler``'s order."""
-
-    def _get_train_sampler(self, train_dataset: Any = None) -> StableOrderSampler:
-        dataset = self.train_dataset if train_dataset is None else train_dataset  # type: ignore[attr-defined]
-        return StableOrderSampler(row_digests(dataset), self.args.data_seed)  # type: ignore[attr-defined]
 
 
 @contextlib.contextmanager
@@ -353,6 +302,4 @@ def build_trainer(stage: StageConfig, model: Any, tokenizer: Any, dataset: Any, 
     if stage.method in ("dpo", "ipo") and stage.precompute_ref_log_probs and reference_store is not None:
         trainer_cls = make_cached_reference_trainer(trainer_cls)
         kwargs["reference_store"] = reference_store
-    if stage.data_order == "stable" and stage.method != "rloo":
-        trainer_cls = type(f"StableOrder{trainer_cls.__name__}", (StableDataOrder, trainer_cls), {})
     return _guarded(trainer_cls)(**kwargs)
