@@ -1,6 +1,7 @@
 """Training stages on the tiny Llama: every method trains, DPO learns an easy preference, reruns are
-cache hits, seeds repeat, the reference cache equals TRL's own numbers, NaN stops cleanly, an
-interrupted stage resumes, stages chain (merged), and config typos are named.
+cache hits, seeds repeat, data_seed reorders the same rows, the reference cache equals TRL's own
+numbers, NaN stops cleanly, an interrupted stage resumes, stages chain (merged), and config typos
+are named.
 
 Sequences are kept short (a one-line system prompt replaces SmolLM2's long default) because the
 tiny model's cost is dominated by its 49k-token vocabulary.
@@ -314,14 +315,12 @@ def test_unknown_config_key_is_named(tmp_path):
     assert StageConfig(method="sft", finetune="full").resolved("learning_rate") == pytest.approx(2e-5)
 
 
-
-
 # ------------------------------------------------------------------ data order
 
 
-def _training_rows(monkeypatch, tokenizer) -> list[str]:
-    """Patch our trainers' training step to record the rows each micro-batch trains on, as text
-    (DPO batches stack the chosen rows, then the rejected ones; the chosen half names the pair)."""
+def _dpo_training_rows(monkeypatch, tokenizer) -> list[str]:
+    """Patch our trainers' training step to record the pairs each DPO micro-batch trains on, as text
+    (a DPO batch stacks the chosen rows, then the rejected ones; the chosen half names the pair)."""
     from alignscope.align import recipes
 
     seen: list[str] = []
@@ -329,8 +328,7 @@ def _training_rows(monkeypatch, tokenizer) -> list[str]:
 
     def recording(self, model, inputs, num_items_in_batch=None):
         ids = inputs["input_ids"]
-        rows = ids[: len(ids) // 2] if "ref_chosen_logps" in inputs else ids
-        seen.extend(tokenizer.decode(row, skip_special_tokens=True) for row in rows)
+        seen.extend(tokenizer.decode(row, skip_special_tokens=True) for row in ids[: len(ids) // 2])
         return original(self, model, inputs, num_items_in_batch)
 
     monkeypatch.setattr(recipes.FiniteLossGuard, "training_step", recording)
@@ -343,7 +341,7 @@ def test_data_seed_changes_the_order_of_the_same_rows(tiny_model_dir, tmp_path, 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     orders = []
     for data_seed in (None, 0, 1):
-        seen = _training_rows(monkeypatch, tokenizer)
+        seen = _dpo_training_rows(monkeypatch, tokenizer)
         cfg = stage(method="dpo", max_steps=-1, num_train_epochs=1, per_device_train_batch_size=2, data_seed=data_seed)
         train_stage(str(tiny_model_dir), cfg, easy_pairs(8), tmp_path / str(data_seed))
         orders.append(list(seen))
