@@ -338,13 +338,13 @@ def _dpo_training_rows(monkeypatch, tokenizer) -> list[str]:
 def test_data_seed_changes_the_order_of_the_same_rows(tiny_model_dir, tmp_path, monkeypatch):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    seen = _dpo_training_rows(monkeypatch, AutoTokenizer.from_pretrained(tiny_model_dir))
     orders = []
     for data_seed in (None, 0, 1):
-        seen = _dpo_training_rows(monkeypatch, tokenizer)
         cfg = stage(method="dpo", max_steps=-1, num_train_epochs=1, per_device_train_batch_size=2, data_seed=data_seed)
         train_stage(str(tiny_model_dir), cfg, easy_pairs(8), tmp_path / str(data_seed))
         orders.append(list(seen))
+        seen.clear()
     unset, same, other = orders
     assert len(unset) == 8 and unset == same  # unset means the stage seed
     assert sorted(other) == sorted(unset) and other != unset

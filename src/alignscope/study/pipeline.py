@@ -381,10 +381,13 @@ def _random_control(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     (1 + draws removing at least as much) / (draws + 1), the chance a drop exchangeable with the
     random ones would rank as high. Its floor is 1/(draws + 1), so it takes 19 draws to reach 0.05.
     """
+    def removed(k: int, arm: str) -> list[float]:
+        return [row["fraction_of_increase_removed"] for row in rows
+                if row["k"] == k and row["arm"] == arm and row["fraction_of_increase_removed"] is not None]
+
     out: dict[str, dict[str, Any]] = {}
     for k in dict.fromkeys(row["k"] for row in rows):
-        shares = [row["fraction_of_increase_removed"] for row in rows
-                  if row["k"] == k and row["arm"] == "random" and row["fraction_of_increase_removed"] is not None]
+        shares = removed(k, "random")
         if not shares:
             continue
         entry: dict[str, Any] = {"draws": len(shares), "mean_fraction_removed": statistics.fmean(shares),
@@ -392,8 +395,7 @@ def _random_control(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         predicted = [row.get("predicted_fraction_removed") for row in rows if row["k"] == k and row["arm"] == "random"]
         if predicted and None not in predicted:
             entry["mean_predicted_fraction_removed"] = statistics.fmean(predicted)
-        attributed = [row["fraction_of_increase_removed"] for row in rows if row["k"] == k
-                      and row["arm"] == "attributed" and row["fraction_of_increase_removed"] is not None]
+        attributed = removed(k, "attributed")
         if attributed:
             entry["attributed_fraction_removed"] = attributed[0]
             entry["rank_p_value"] = (1 + sum(share >= attributed[0] for share in shares)) / (len(shares) + 1)
