@@ -354,3 +354,61 @@ def test_data_seed_enters_the_cache_key_only_when_set():
     """Stages trained before the option existed keep their keys."""
     assert "data_seed" not in StageConfig().result_dict()
     assert StageConfig(data_seed=3).result_dict()["data_seed"] == 3
+
+
+# ------------------------------------------------------------------ zero-loss pairs (curation's leave-k-out)
+
+
+def _lora_b(result) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in adapter_tensors(result).items() if "lora_B" in k}
+
+
+def test_zeroing_a_pair_leaves_exactly_the_other_pairs_gradient(tiny_model_dir, tmp_path):
+    """One plain-SGD step from LoRA's B = 0: B moves by −lr·(mean gradient). With pair p1 zeroed in the
+    batch {p0, p1}, the mean is ∇L(p0)/2, which is half the step that p0 alone takes; a hook that
+    zeroed the wrong rows (or none) would move B along p1's gradient instead."""
+    pairs = easy_pairs(2)
+    sgd = dict(method="dpo", max_steps=1, optim="sgd", max_grad_norm=0.0, learning_rate=1e-2)
+    zeroed = train_stage(str(tiny_model_dir), stage(**sgd, zero_loss_pairs=["p1"]), pairs, tmp_path / "zeroed")
+    alone = train_stage(str(tiny_model_dir), stage(**sgd, per_device_train_batch_size=1), pairs[:1],
+                        tmp_path / "alone")
+    both = train_stage(str(tiny_model_dir), stage(**sgd), pairs, tmp_path / "both")
+    z, a, b = _lora_b(zeroed), _lora_b(alone), _lora_b(both)
+    scale = max(float(t.abs().max()) for t in a.values())
+    assert scale > 0
+    for name in a:
+        assert torch.allclose(2 * z[name], a[name], atol=1e-5 * scale, rtol=1e-4), name
+    assert max(float((2 * z[n] - b[n]).abs().max()) for n in b) > 1e-2 * scale  # p1 did move the plain stage
+
+
+def test_zero_loss_on_every_pair_keeps_the_initial_adapter_and_on_none_changes_nothing(tiny_model_dir, tmp_path):
+    pairs = easy_pairs(4)
+    ids = [p.id for p in pairs]
+    plain = train_stage(str(tiny_model_dir), stage(method="dpo", max_steps=2), pairs, tmp_path / "plain")
+    none = train_stage(str(tiny_model_dir), stage(method="dpo", max_steps=2, zero_loss_pairs=[]), pairs,
+                       tmp_path / "none")
+    every = train_stage(str(tiny_model_dir), stage(method="dpo", max_steps=2, zero_loss_pairs=ids), pairs,
+                        tmp_path / "every")
+    p, n, e = adapter_tensors(plain), adapter_tensors(none), adapter_tensors(every)
+    assert all(torch.equal(p[k], n[k]) for k in p)  # weight 1 is exact
+    assert all(not t.any() for t in _lora_b(every).values())  # no gradient: B stays at its zero init
+    assert any(t.any() for t in _lora_b(plain).values())
+    # the forward pass is untouched, so the logged loss still counts the zeroed pairs
+    assert log_lines(every)[0]["loss"] == pytest.approx(log_lines(plain)[0]["loss"], abs=1e-6)
+    assert every.summary["config"]["zero_loss_pairs"] == sorted(ids)
+
+
+def test_zero_loss_pairs_are_checked():
+    assert "zero_loss_pairs" not in StageConfig().result_dict()  # older stages keep their cache keys
+    assert StageConfig(zero_loss_pairs=["b", "a", "b"]).result_dict()["zero_loss_pairs"] == ["a", "b"]
+    for bad, words in [(dict(method="sft"), "dpo and ipo"), (dict(finetune="full"), "finetune: lora"),
+                       (dict(lora={"target_modules": ["q_proj", "lm_head"]}), "lm_head"),
+                       (dict(loss_type="aot"), "sorts scores")]:
+        with pytest.raises(ValueError, match=words):
+            StageConfig(zero_loss_pairs=["p0"], **bad)
+
+
+def test_zero_loss_pairs_must_name_the_stages_own_pairs(tiny_model_dir, tmp_path):
+    with pytest.raises(InputError, match="not in the data.*'p9'"):
+        train_stage(str(tiny_model_dir), stage(method="dpo", zero_loss_pairs=["p9"]), easy_pairs(2), tmp_path)
+    assert not any(tmp_path.iterdir())  # nothing written

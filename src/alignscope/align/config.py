@@ -81,6 +81,21 @@ class LoraSettings(BaseModel):
     use_rslora: bool = False
 
 
+def _check_zero_loss(stage: StageConfig) -> None:
+    """Zeroing a pair scales the gradient that reaches the transformer's last hidden state, which is
+    exact for every weight below it (all LoRA adapters on the blocks) but not for the output head or
+    for losses that mix examples, so only those cases are allowed."""
+    if stage.method not in ("dpo", "ipo"):
+        raise ValueError(f"zero_loss_pairs: supported for dpo and ipo stages, not {stage.method}")
+    if stage.finetune != "lora" or "lm_head" in stage.lora.target_modules:
+        raise ValueError("zero_loss_pairs: needs finetune: lora without an adapter on lm_head (the output "
+                         "head's gradient is not scaled per pair)")
+    mixing = sorted(set(stage.resolved("loss_type") or []) & {"aot", "aot_unpaired"})
+    if mixing:
+        raise ValueError(f"zero_loss_pairs: loss_type {mixing[0]} sorts scores across the batch, so a pair's "
+                         "gradient cannot be removed on its own; use another loss type")
+
+
 class StageConfig(BaseModel):
     """One training stage. Every field has a documented default; ``None`` means "method default"."""
 
@@ -136,6 +151,10 @@ class StageConfig(BaseModel):
     precompute_ref_log_probs: bool = Field(True, description="DPO/IPO: read the reference log-probs from the "
                                            "run's reference cache instead of recomputing them every step.")
     precompute_ref_batch_size: int = Field(8, ge=1)
+    zero_loss_pairs: list[str] | None = Field(
+        None, description="DPO/IPO with LoRA: ids of pairs that stay in the data, its order and its batches, but "
+        "whose loss is multiplied by 0, so they add no gradient. This is the leave-k-out objective with "
+        "nothing else changed (curation's zero-loss retrain); the logged loss still includes them.")
 
     # RLOO
     reward: str = Field("helpful_harmless", description="RLOO reward: a name from alignscope.data.synthesis."
@@ -166,6 +185,8 @@ class StageConfig(BaseModel):
         if self.tracin_snapshots and self.finetune == "full":
             raise ValueError("tracin_snapshots: snapshots are LoRA adapters; with finetune: full use "
                              "--method gradsim or datainf (set tracin_snapshots: 0)")
+        if self.zero_loss_pairs is not None:
+            _check_zero_loss(self)
         losses = [self.loss_type] if isinstance(self.loss_type, str) else (self.loss_type or [])
         if self.method in ("dpo", "ipo"):
             bad = [x for x in losses if x not in DPO_LOSS_TYPES]
@@ -221,6 +242,10 @@ class StageConfig(BaseModel):
             out.pop("tracin_snapshots")  # keeps the keys of stages from before the option existed
         if self.data_seed is None:
             out.pop("data_seed")  # likewise
+        if self.zero_loss_pairs is None:
+            out.pop("zero_loss_pairs")  # likewise
+        else:
+            out["zero_loss_pairs"] = sorted(set(self.zero_loss_pairs))
         return out
 
     @property

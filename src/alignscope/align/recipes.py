@@ -69,6 +69,66 @@ def _guarded(cls: type) -> type:
     return type(f"Guarded{cls.__name__}", (FiniteLossGuard, cls), {})
 
 
+LOSS_WEIGHT = "loss_weight"
+
+
+def _backbone(model: Any) -> Any:
+    """The transformer under the LM head, through PEFT's wrapper (what TRL's fused head calls)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.base_model
+
+
+class ZeroLossPairs:
+    """Mixin for TRL's DPO trainer: rows with ``loss_weight`` 0 keep their batch slot but add no gradient.
+
+    Why not drop them: a retrain on fewer pairs also reorders and regroups every other pair, and on
+    the default study that alone moves the planted effect up to 2.3× (BENCHMARKS.md, session 11).
+    Here the data, its order and its batches stay; only the objective loses the zeroed pairs' terms,
+    which is the leave-k-out counterfactual that influence scores estimate.
+
+    How, without copying TRL's loss: every pair's loss depends only on its own two rows (chosen in
+    the first half of the batch, rejected in the second), so multiplying the gradient that reaches
+    the backbone's last hidden state, row by row, by the pair's weight multiplies that pair's whole
+    contribution to every weight below it: the LoRA adapters (``StageConfig`` rejects the cases
+    where this is not exact). The forward pass, and so the logged loss, are untouched.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        collate = self.data_collator  # type: ignore[has-type]
+
+        def with_weights(examples: list[dict[str, Any]]) -> dict[str, Any]:
+            batch = collate(examples)
+            batch[LOSS_WEIGHT] = torch.tensor([float(e[LOSS_WEIGHT]) for e in examples])
+            return batch
+
+        self.data_collator = with_weights
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()  # type: ignore[misc]
+        if LOSS_WEIGHT not in self._signature_columns:  # type: ignore[has-type]
+            self._signature_columns = [*self._signature_columns, LOSS_WEIGHT]  # type: ignore[has-type]
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        weights = inputs.pop(LOSS_WEIGHT)
+
+        def scale_rows(module: Any, args: Any, output: Any) -> None:
+            hidden = output.last_hidden_state
+            if not hidden.requires_grad:
+                return
+            if hidden.shape[0] % len(weights):
+                raise RuntimeError(f"zero_loss_pairs: {hidden.shape[0]} rows for {len(weights)} pairs")
+            rows = weights.to(hidden.device, hidden.dtype).repeat(hidden.shape[0] // len(weights))
+            hidden.register_hook(lambda grad: grad * rows.view(-1, *([1] * (grad.dim() - 1))))
+
+        handle = _backbone(self.accelerator.unwrap_model(model)).register_forward_hook(scale_rows)  # type: ignore[attr-defined]
+        try:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)  # type: ignore[misc]
+        finally:
+            handle.remove()
+
+
 @contextlib.contextmanager
 def completion_positions_only(enabled: bool = True) -> Any:
     """Make TRL's fused LM head project only the positions that carry a label, on every device.
@@ -139,13 +199,21 @@ def _reply(text: str) -> list[dict[str, str]]:
     return [{"role": "assistant", "content": text}]
 
 
-def build_rows(method: str, pairs: Sequence[Any], seed: int) -> list[dict[str, Any]]:
-    """The rows TRL's trainer for ``method`` expects, built from preference pairs."""
+def build_rows(method: str, pairs: Sequence[Any], seed: int,
+               zero_loss: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """The rows TRL's trainer for ``method`` expects, built from preference pairs.
+
+    ``zero_loss`` (DPO/IPO): pair ids whose rows get ``loss_weight`` 0 (see ``ZeroLossPairs``).
+    """
     if method in PAIRWISE:
         rows = [{"prompt": _prompt(p), "chosen": _reply(p.chosen), "rejected": _reply(p.rejected)} for p in pairs]
         if method in ("dpo", "ipo"):
             for row, p in zip(rows, pairs, strict=True):
                 row["id"] = str(p.id)
+            if zero_loss is not None:
+                zeroed = set(zero_loss)
+                for row in rows:
+                    row[LOSS_WEIGHT] = 0.0 if row["id"] in zeroed else 1.0
         return rows
     if method == "sft":
         return [{"prompt": _prompt(p), "completion": _reply(p.chosen)} for p in pairs]
@@ -174,10 +242,10 @@ def build_rows(method: str, pairs: Sequence[Any], seed: int) -> list[dict[str, A
     raise InputError(f"unknown method {method!r}")
 
 
-def build_dataset(method: str, pairs: Sequence[Any], seed: int) -> Any:
+def build_dataset(method: str, pairs: Sequence[Any], seed: int, zero_loss: Sequence[str] | None = None) -> Any:
     from datasets import Dataset
 
-    return Dataset.from_list(build_rows(method, pairs, seed))
+    return Dataset.from_list(build_rows(method, pairs, seed, zero_loss))
 
 
 # --------------------------------------------------------------------------- configs
@@ -302,4 +370,6 @@ def build_trainer(stage: StageConfig, model: Any, tokenizer: Any, dataset: Any, 
     if stage.method in ("dpo", "ipo") and stage.precompute_ref_log_probs and reference_store is not None:
         trainer_cls = make_cached_reference_trainer(trainer_cls)
         kwargs["reference_store"] = reference_store
+    if stage.zero_loss_pairs is not None:
+        trainer_cls = type(f"ZeroLoss{trainer_cls.__name__}", (ZeroLossPairs, trainer_cls), {})
     return _guarded(trainer_cls)(**kwargs)

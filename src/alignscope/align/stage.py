@@ -401,6 +401,10 @@ def train_stage(model: str | Path, stage: StageConfig, pairs: Sequence[Any], out
     ids = [str(p.id) for p in pairs]
     if len(set(ids)) != len(ids):
         raise InputError(f"stage {stage.label}: duplicate pair ids; ids must be unique")
+    unknown = sorted(set(stage.zero_loss_pairs or ()) - set(ids))
+    if unknown:
+        raise InputError(f"stage {stage.label}: zero_loss_pairs names {len(unknown)} pair id(s) not in the data, "
+                         f"e.g. {unknown[0]!r}; list ids of the stage's own pairs")
     run = out if isinstance(out, RunDir) else RunDir(out)
     started = time.perf_counter()
 
@@ -447,7 +451,7 @@ def train_stage(model: str | Path, stage: StageConfig, pairs: Sequence[Any], out
 
     truncation = count_truncation(lm.tokenizer, pairs, stage.method, stage.max_length)
     set_seed(stage.seed)
-    dataset = build_dataset(stage.method, pairs, stage.seed)
+    dataset = build_dataset(stage.method, pairs, stage.seed, stage.zero_loss_pairs)
     args = build_trl_args(stage, str(work), use_cpu=use_cpu, bf16=autocast_bf16)
     logger = _log_callback_class()(log_path)
     if stage.tracin_snapshots:
