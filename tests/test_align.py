@@ -389,7 +389,7 @@ def test_zero_loss_on_every_pair_keeps_the_initial_adapter_and_on_none_changes_n
                        tmp_path / "none")
     every = train_stage(str(tiny_model_dir), stage(method="dpo", max_steps=2, zero_loss_pairs=ids), pairs,
                         tmp_path / "every")
-    p, n, e = adapter_tensors(plain), adapter_tensors(none), adapter_tensors(every)
+    p, n = adapter_tensors(plain), adapter_tensors(none)
     assert all(torch.equal(p[k], n[k]) for k in p)  # weight 1 is exact
     assert all(not t.any() for t in _lora_b(every).values())  # no gradient: B stays at its zero init
     assert any(t.any() for t in _lora_b(plain).values())
@@ -403,7 +403,7 @@ def test_zero_loss_pairs_are_checked():
     assert StageConfig(zero_loss_pairs=["b", "a", "b"]).result_dict()["zero_loss_pairs"] == ["a", "b"]
     for bad, words in [(dict(method="sft"), "dpo and ipo"), (dict(finetune="full"), "finetune: lora"),
                        (dict(lora={"target_modules": ["q_proj", "lm_head"]}), "lm_head"),
-                       (dict(loss_type="aot"), "sorts scores")]:
+                       (dict(loss_type="aot"), "sorts scores"), (dict(trl={"padding_free": True}), "one row")]:
         with pytest.raises(ValueError, match=words):
             StageConfig(zero_loss_pairs=["p0"], **bad)
 

@@ -68,6 +68,44 @@ def test_curated_retrains_keep_the_original_number_of_steps(tiny_model_dir: Path
     assert train_recipe(str(tiny_model_dir), recipe, pairs[:4], tmp_path)[-1].summary["steps"] == 2
 
 
+def test_zero_loss_curation_retrains_on_every_pair_with_the_dropped_ones_zeroed(tiny_run: Path, tiny_model_dir: Path,
+                                                                                 tmp_path: Path) -> None:
+    """Same study, curation.retrain zero_loss: data, audits, alignment and attribution are cache hits; each
+    curated stage trains every pair for the aligned stage's steps and zeroes exactly the dropped ones."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out)
+    raw = tiny_study(tiny_model_dir).model_dump(mode="json")
+    raw["curation"]["retrain"] = "zero_loss"
+    run_study(StudyConfig.model_validate(raw), out, quick=True, say=lambda _: None)
+    record = json.loads((out / "study.json").read_text())
+    assert next(s for s in record["stages"] if s["name"] == "align dpo")["status"] == "cached"
+    summary = json.loads((out / record["curation"] / "summary.json").read_text())
+    assert summary["retrain"] == "zero_loss" and summary["same_steps"] is False
+    assert "dropped pairs' loss multiplied by 0" in summary["definition"]
+    aligned = json.loads((out / record["align"]["dpo"] / "summary.json").read_text())
+    for row in summary["rows"]:
+        stage = json.loads((out / row["stage"] / "summary.json").read_text())
+        assert stage["n_pairs"] == aligned["n_pairs"] and stage["steps"] == aligned["steps"]
+        assert len(stage["config"]["zero_loss_pairs"]) == row["k"]
+
+
+def test_zero_loss_curation_is_refused_for_a_stage_it_cannot_zero(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="curation.retrain zero_loss, arm 'sft'.*dpo and ipo"):
+        StudyConfig.model_validate({"arms": {"sft": [{"method": "sft"}]}, "curation": {"retrain": "zero_loss"}})
+
+
+def test_zero_loss_leaves_a_stage_with_its_own_data_alone() -> None:
+    """As the drop does: only stages that train on the study's pairs lose the dropped ones."""
+    from alignscope.study.pipeline import _zeroed
+
+    config = StudyConfig.model_validate({"arms": {"two": [{"method": "sft", "data": "own.jsonl"}, {"method": "dpo"}]},
+                                         "curation": {"retrain": "zero_loss"}})
+    own, study = _zeroed(config.stages("two"), ["b", "a"])
+    assert own.zero_loss_pairs is None and study.zero_loss_pairs == ["a", "b"]
+
+
 def test_planted_canary_reaches_audit_attribution_and_curation(tiny_model_dir: Path, tmp_path: Path) -> None:
     """data.canaries plants a secret; the privacy probe tests that secret without being told; the
     pairs that carry it are the attribution's ground truth and set the default number dropped."""
@@ -177,7 +215,8 @@ def test_random_control_summarises_the_draws_and_flags_a_single_one() -> None:
     assert summary["k8"]["attributed_fraction_removed"] == 0.9 and summary["k8"]["rank_p_value"] == 0.25
     assert summary["k4"] == {"draws": 1, "mean_fraction_removed": 0.4, "min_fraction_removed": 0.4,
                              "max_fraction_removed": 0.4, "attributed_fraction_removed": 0.5, "rank_p_value": 0.5,
-                             "warning": ONE_DRAW_WARNING}
+                             "warning": ONE_DRAW_WARNING["drop"]}
+    assert "15 % and 67 %" in _random_control(rows, "zero_loss")["k4"]["warning"]
     # a draw removing as much as the attributed drop counts against it (ties are not broken in its favour)
     tied = _random_control([row(8, "attributed", 0.3), row(8, "random", 0.3), row(8, "random", 0.5)])
     assert tied["k8"]["rank_p_value"] == 1.0

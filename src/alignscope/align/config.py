@@ -81,7 +81,7 @@ class LoraSettings(BaseModel):
     use_rslora: bool = False
 
 
-def _check_zero_loss(stage: StageConfig) -> None:
+def check_zero_loss(stage: StageConfig) -> None:
     """Zeroing a pair scales the gradient that reaches the transformer's last hidden state, which is
     exact for every weight below it (all LoRA adapters on the blocks) but not for the output head or
     for losses that mix examples, so only those cases are allowed."""
@@ -90,6 +90,9 @@ def _check_zero_loss(stage: StageConfig) -> None:
     if stage.finetune != "lora" or "lm_head" in stage.lora.target_modules:
         raise ValueError("zero_loss_pairs: needs finetune: lora without an adapter on lm_head (the output "
                          "head's gradient is not scaled per pair)")
+    if stage.trl.get("padding_free"):
+        raise ValueError("zero_loss_pairs: padding_free packs the batch into one row, so pairs cannot be told "
+                         "apart; leave trl.padding_free unset")
     mixing = sorted(set(stage.resolved("loss_type") or []) & {"aot", "aot_unpaired"})
     if mixing:
         raise ValueError(f"zero_loss_pairs: loss_type {mixing[0]} sorts scores across the batch, so a pair's "
@@ -186,7 +189,7 @@ class StageConfig(BaseModel):
             raise ValueError("tracin_snapshots: snapshots are LoRA adapters; with finetune: full use "
                              "--method gradsim or datainf (set tracin_snapshots: 0)")
         if self.zero_loss_pairs is not None:
-            _check_zero_loss(self)
+            check_zero_loss(self)
         losses = [self.loss_type] if isinstance(self.loss_type, str) else (self.loss_type or [])
         if self.method in ("dpo", "ipo"):
             bad = [x for x in losses if x not in DPO_LOSS_TYPES]

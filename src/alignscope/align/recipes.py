@@ -114,7 +114,9 @@ class ZeroLossPairs:
         weights = inputs.pop(LOSS_WEIGHT)
 
         def scale_rows(module: Any, args: Any, output: Any) -> None:
-            hidden = output.last_hidden_state
+            hidden = getattr(output, "last_hidden_state", None)
+            if hidden is None:
+                raise RuntimeError(f"zero_loss_pairs: {type(module).__name__} returned no last_hidden_state")
             if not hidden.requires_grad:
                 return
             if hidden.shape[0] % len(weights):

@@ -236,10 +236,11 @@ def curation(sources: RunSources) -> Section:
         "Counterfactual re-alignment: if the attributed pairs caused the change, dropping them should undo "
         "much more of it than dropping as many random pairs. predicted_fraction_removed is what the scores "
         "predict if pair effects add up; where it matches the retrained share, the scores' sizes are right, "
-        "not only their order."))
-    section.parts.append(Plot("plot-curation-curve", "Metric change (re-aligned without the dropped pairs minus "
-                              "aligned on all pairs) against the number of pairs dropped.", [source], data,
-                              plots.curation("plot-curation-curve", data)))
+        "not only their order. The summary's definition says how each curated model was retrained (retrain: "
+        "drop, or zero_loss: every pair kept in its batch with the dropped pairs' loss set to 0)."))
+    section.parts.append(Plot("plot-curation-curve", "Metric change (re-aligned without the dropped pairs, or with "
+                              "their loss zeroed, minus aligned on all pairs) against the number of pairs dropped.",
+                              [source], data, plots.curation("plot-curation-curve", data)))
     section.parts.append(frame_table("Curation curve", curve.sort_values(["metric", "arm", "k"], kind="stable"), [
         "metric", "arm", "k", "random_seed", "value", "change", "change_ci_low", "change_ci_high", ("change_p", "p"),
         "fraction_of_increase_removed", "predicted_fraction_removed", "planted_dropped",

@@ -16,12 +16,12 @@ from __future__ import annotations
 import copy
 import difflib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from alignscope.align.config import StageConfig, parse_stages
+from alignscope.align.config import StageConfig, check_zero_loss, parse_stages
 from alignscope.errors import InputError
 
 
@@ -127,6 +127,12 @@ class CurationSettings(_Strict):
     same_steps: bool = Field(True, description="Retrain each curated model for as many optimizer steps as the "
                              "original stage ran (so dropping pairs does not also shorten training); false: the "
                              "recipe's own epochs over the smaller data.")
+    retrain: Literal["drop", "zero_loss"] = Field(
+        "drop", description="drop: retrain on the kept pairs only. zero_loss: retrain on every pair, in the "
+        "same order and batches, with the dropped pairs' loss multiplied by 0 (the leave-k-out objective with "
+        "nothing else changed; DPO/IPO LoRA stages only). same_steps does not apply to it: the steps are "
+        "already the same. On the default study its random draws spread less but removed more (BENCHMARKS.md, "
+        "session 12).")
 
     @field_validator("ks")
     @classmethod
@@ -182,6 +188,14 @@ class StudyConfig(_Strict):
         if self.curation is not None and self.attribution is None:
             raise ValueError("curation needs attribution (it drops the top attributed pairs); set attribution or "
                              "curation: null")
+        if self.curation is not None and self.curation.retrain == "zero_loss" and self.attribution is not None:
+            for stage in self.stages(self.attributed_arm):
+                if stage.data is not None:  # trains on its own data, which curation does not touch
+                    continue
+                try:
+                    check_zero_loss(stage)
+                except ValueError as exc:
+                    raise ValueError(f"curation.retrain zero_loss, arm {self.attributed_arm!r}: {exc}") from None
         return self
 
     def stages(self, arm: str) -> list[StageConfig]:

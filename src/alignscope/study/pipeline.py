@@ -290,7 +290,9 @@ def _curate(config: StudyConfig, pairs: list[Any], stages: list[Any], aligned: l
     aligned_value = _metric_value(out / "audits" / arm, probe, metric)
     increase = aligned_value - base_value
     planted_ids = {str(p.id) for p in pairs if p.planted}
-    if config.curation.same_steps:
+    zero_loss = config.curation.retrain == "zero_loss"
+    same_steps = config.curation.same_steps and not zero_loss
+    if same_steps:
         stages = _same_steps(stages, aligned)
     rows = []
     for k in ks:
@@ -299,7 +301,10 @@ def _curate(config: StudyConfig, pairs: list[Any], stages: list[Any], aligned: l
         for arm_kind, seed, kept, dropped in _drops(pairs, scores, k, config.curation.random_seeds):
             label = f"curated_{arm_kind}_k{k}" + (f"_s{seed}" if seed is not None else "")
             with record.step(f"curate {label}") as entry:
-                result = train_recipe(config.model, stages, kept, out)[-1]
+                if zero_loss:
+                    result = train_recipe(config.model, _zeroed(stages, dropped), pairs, out)[-1]
+                else:
+                    result = train_recipe(config.model, stages, kept, out)[-1]
                 lm = result.load(dtype=config.dtype)
                 _audit_model(lm, config, pairs, [probe], out / "audits" / label)
                 del lm
@@ -309,7 +314,7 @@ def _curate(config: StudyConfig, pairs: list[Any], stages: list[Any], aligned: l
                 table = compare(out / "audits" / arm, out / "audits" / label, seed=config.seed)
                 row = table[(table["probe"] == probe) & (table["metric"] == metric)].iloc[0]
                 predicted = None if score_column is None else predicted_fraction_removed(
-                    score_column, dropped, increase=increase, same_steps=config.curation.same_steps)
+                    score_column, dropped, increase=increase, same_steps=same_steps)
                 rows.append({"k": k, "arm": arm_kind, "random_seed": seed, "label": label, "probe": probe,
                              "metric": metric, "value": value, "change": value - aligned_value,
                              "change_ci_low": float(row["ci_low"]), "change_ci_high": float(row["ci_high"]),
@@ -327,13 +332,16 @@ def _curate(config: StudyConfig, pairs: list[Any], stages: list[Any], aligned: l
             "probe": probe, "metric": metric, "base_value": base_value, "aligned_value": aligned_value,
             "increase": increase, "n_planted": n_planted, "ks": ks, "ground_truth": truth,
             "definition": "fraction_of_increase_removed = (aligned - curated) / (aligned - base); each curated "
-                          "model retrains the same recipe and seed without the dropped pairs"
-                          + (", for as many optimizer steps as the original stage ran" if config.curation.same_steps
-                             else ", for the recipe's epochs over the smaller data"),
-            "same_steps": config.curation.same_steps,
+                          "model retrains the same recipe and seed "
+                          + ("on every pair, in the same order and batches, with the dropped pairs' loss "
+                             "multiplied by 0" if zero_loss else "without the dropped pairs")
+                          + (", for as many optimizer steps as the original stage ran" if same_steps
+                             else "" if zero_loss else ", for the recipe's epochs over the smaller data"),
+            "retrain": config.curation.retrain,
+            "same_steps": same_steps,
             "predicted_by": estimator,
             "prediction": PREDICTION_DEFINITION,
-            "random_control": _random_control(rows),
+            "random_control": _random_control(rows, config.curation.retrain),
             "rows": rows})
     return run.path("curation", inputs)
 
@@ -367,12 +375,15 @@ PREDICTION_DEFINITION = ("predicted_fraction_removed = the share an additive mod
                          "(predicted_by); with same_steps the kept pairs' share is scaled by n / n_kept, as each is "
                          "seen that much more often")
 
-#: The spread one random drop showed on the default study: read a single draw with it in mind.
-ONE_DRAW_WARNING = ("one random draw: on the default study, draws of the same size removed between -45 % and 42 % "
-                    "of the increase, so add curation.random_seeds before reading the control")
+#: The spread one random draw showed on the default study (eight draws each, BENCHMARKS.md sessions
+#: 10 and 12), per retrain mode: read a single draw with it in mind.
+ONE_DRAW_WARNING = {
+    retrain: f"one random draw: on the default study, draws of the same size removed between {spread} of the "
+             "increase, so add curation.random_seeds before reading the control"
+    for retrain, spread in (("drop", "-45 % and 42 %"), ("zero_loss", "15 % and 67 %"))}
 
 
-def _random_control(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def _random_control(rows: list[dict[str, Any]], retrain: str = "drop") -> dict[str, dict[str, Any]]:
     """Per k, the random arm summarised over its draws: what the attributed drop is compared against.
 
     Why: one random retrain is a noisy control (retraining on a different data order moves the
@@ -400,7 +411,7 @@ def _random_control(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             entry["attributed_fraction_removed"] = attributed[0]
             entry["rank_p_value"] = (1 + sum(share >= attributed[0] for share in shares)) / (len(shares) + 1)
         if len(shares) == 1:
-            entry["warning"] = ONE_DRAW_WARNING
+            entry["warning"] = ONE_DRAW_WARNING[retrain]
         out[f"k{k}"] = entry
     return out
 
@@ -415,6 +426,17 @@ def _same_steps(stages: list[Any], aligned: list[Any]) -> list[Any]:
     """
     return [stage.model_copy(update={"max_steps": int(result.summary["steps"])})
             for stage, result in zip(stages, aligned)]
+
+
+def _zeroed(stages: list[Any], dropped: Sequence[str]) -> list[Any]:
+    """The recipe with the dropped pairs' loss zeroed in every stage that trains on the study's pairs
+    (a stage with its own ``data:`` is left alone, as the drop leaves it alone). Validated again: the
+    config checked that those stages support it, so this only fails on a bug."""
+    from alignscope.align.config import StageConfig
+
+    return [stage if stage.data is not None else
+            StageConfig.model_validate({**stage.model_dump(), "zero_loss_pairs": sorted(dropped)})
+            for stage in stages]
 
 
 def _report(out: Path) -> Path:
