@@ -332,11 +332,8 @@ def _curate(config: StudyConfig, pairs: list[Any], stages: list[Any], aligned: l
             "probe": probe, "metric": metric, "base_value": base_value, "aligned_value": aligned_value,
             "increase": increase, "n_planted": n_planted, "ks": ks, "ground_truth": truth,
             "definition": "fraction_of_increase_removed = (aligned - curated) / (aligned - base); each curated "
-                          "model retrains the same recipe and seed "
-                          + ("on every pair, in the same order and batches, with the dropped pairs' loss "
-                             "multiplied by 0" if zero_loss else "without the dropped pairs")
-                          + (", for as many optimizer steps as the original stage ran" if same_steps
-                             else "" if zero_loss else ", for the recipe's epochs over the smaller data"),
+                          "model retrains the same recipe and seed " + RETRAINED[
+                              "zero_loss" if zero_loss else "same_steps" if same_steps else "epochs"],
             "retrain": config.curation.retrain,
             "same_steps": same_steps,
             "predicted_by": estimator,
@@ -374,6 +371,13 @@ PREDICTION_DEFINITION = ("predicted_fraction_removed = the share an additive mod
                          "split over the training pairs in proportion to the default estimator's scores "
                          "(predicted_by); with same_steps the kept pairs' share is scaled by n / n_kept, as each is "
                          "seen that much more often")
+
+#: How a curated model was retrained, per mode, as the summary's definition words it.
+RETRAINED = {
+    "zero_loss": "on every pair, in the same order and batches, with the dropped pairs' loss multiplied by 0",
+    "same_steps": "without the dropped pairs, for as many optimizer steps as the original stage ran",
+    "epochs": "without the dropped pairs, for the recipe's epochs over the smaller data",
+}
 
 #: The spread one random draw showed on the default study (eight draws each, BENCHMARKS.md sessions
 #: 10 and 12), per retrain mode: read a single draw with it in mind.
