@@ -201,6 +201,10 @@ def attach_adapter(model: Any, adapter: str | Path, spec: str) -> Any:
     path = Path(adapter)
     if not (path / "adapter_config.json").exists():
         raise InputError(f"adapter {adapter}: no adapter_config.json; pass a PEFT adapter directory")
+    if not (path / "adapter_model.safetensors").exists() and (path / "adapter_model.bin").exists():
+        # PEFT would unpickle it; a user's file is never unpickled here
+        raise InputError(f"adapter {adapter}: its weights are a pickle (adapter_model.bin), which alignscope does "
+                         "not load; re-save it with model.save_pretrained(DIR, safe_serialization=True)")
     try:
         peft_config = PeftConfig.from_pretrained(str(path))
     except (ValueError, TypeError, KeyError, OSError) as exc:  # JSONDecodeError is a ValueError

@@ -1,0 +1,172 @@
+"""Import a LoRA adapter trained outside alignscope as a stage, so ``attribute`` and ``curate`` can read it.
+
+Why: most teams post-train with their own TRL script, not ``alignscope align``. Attribution needs
+three things a stage directory already holds: the policy (base model + LoRA adapter), the pairs it
+trained on, and the objective (method, beta, loss type, max length, truncation). ``import_stage``
+writes those into ``RUN/align/<key>/`` in the same layout as a trained stage (``adapter/``,
+``pairs.parquet``, ``summary.json``), so every later command works on it unchanged.
+
+What an import cannot know is stated, not invented: the summary's steps, loss and times are null and
+``imported`` records where the adapter came from. The LoRA settings are read from the adapter's own
+``adapter_config.json`` (so a counterfactual retrain builds an adapter of the same shape). The DPO
+reference is not cached: attribution recomputes it with the adapter disabled, which is TRL's own
+reference for a PEFT model trained without a separate ``ref_model``. The objective's other settings
+(beta, loss_type, max_length, ...) come from the stage YAML the user passes and must match the
+training run; they cannot be checked from the adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from alignscope.align.config import StageConfig, load_stage_config, parse_stages
+from alignscope.errors import InputError
+from alignscope.store import RunDir, atomic_write_json, versions
+
+#: Methods whose per-pair training objective attribution knows (RLOO's reward has none per pair).
+IMPORTABLE = ("sft", "dpo", "ipo", "orpo", "kto", "simpo")
+WEIGHTS_FILE = "adapter_model.safetensors"
+_LORA_KEYS = ("r", "lora_alpha", "lora_dropout", "target_modules", "bias", "use_rslora")
+
+
+def adapter_lora_settings(adapter: Path) -> dict[str, Any]:
+    """The adapter's LoRA settings in ``LoraSettings`` names, refusing what attribution cannot cover.
+
+    Refused: adapters other than LoRA, weights stored only as a pickle (``adapter_model.bin``: loading
+    one runs code from the file), and ``modules_to_save`` (fully trained modules outside LoRA, whose
+    gradients attribution does not collect).
+    """
+    config_file = adapter / "adapter_config.json"
+    if not config_file.is_file():
+        raise InputError(f"--adapter {adapter}: no adapter_config.json; pass the directory a PEFT model was saved to "
+                         "(model.save_pretrained(DIR) or trainer.save_model(DIR))")
+    try:
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:
+        raise InputError(f"--adapter {adapter}: adapter_config.json is not valid JSON ({exc})") from None
+    if str(raw.get("peft_type", "")).upper() != "LORA":
+        raise InputError(f"--adapter {adapter}: peft_type {raw.get('peft_type')!r}; attribution needs a LoRA adapter")
+    if not (adapter / WEIGHTS_FILE).is_file():
+        pickled = " (adapter_model.bin is a pickle, which alignscope does not load)" \
+            if (adapter / "adapter_model.bin").exists() else ""
+        raise InputError(f"--adapter {adapter}: no {WEIGHTS_FILE}{pickled}; re-save it with "
+                         "model.save_pretrained(DIR, safe_serialization=True)")
+    if raw.get("modules_to_save"):
+        raise InputError(f"--adapter {adapter}: modules_to_save {raw['modules_to_save']} are trained in full, "
+                         "and attribution covers LoRA weights only; import an adapter without them")
+    targets = raw.get("target_modules")
+    if not isinstance(targets, list) or not targets:
+        raise InputError(f"--adapter {adapter}: target_modules {targets!r} is not a list of module names "
+                         "(a regex is not supported)")
+    settings = {key: raw[key] for key in _LORA_KEYS if raw.get(key) is not None}
+    settings["target_modules"] = sorted(targets)
+    return settings
+
+
+def imported_stage_config(method: str | None, config: Path | None, lora: dict[str, Any]) -> StageConfig:
+    """The stage config that describes the external training run, with the adapter's LoRA settings."""
+    if config is not None:
+        stages = load_stage_config(config)
+        if len(stages) != 1:
+            raise InputError(f"--config {config}: a {len(stages)}-stage recipe; import one stage, described by "
+                             "a one-stage YAML")
+        stage = stages[0]
+        if method is not None and method != stage.method:
+            raise InputError(f"--method {method}: the config says method {stage.method}; make them agree")
+    elif method is None:
+        raise InputError("import-stage needs --method (" + ", ".join(IMPORTABLE) + ") or a --config stage YAML")
+    else:
+        stage = parse_stages({"method": method}, "command line")[0]
+    if stage.method not in IMPORTABLE:
+        raise InputError(f"method {stage.method}: attribution has no per-pair objective for it; import one of "
+                         + ", ".join(IMPORTABLE))
+    if stage.finetune != "lora":
+        raise InputError("finetune: full cannot be imported: attribution needs the LoRA adapter")
+    given = stage.lora.model_dump(exclude_unset=True) if "lora" in stage.model_fields_set else {}
+    clash = sorted(k for k, v in given.items() if k in lora and _normalised(v) != _normalised(lora[k]))
+    if clash:
+        raise InputError(f"--config {config}: lora.{clash[0]} is {given[clash[0]]!r} but the adapter has "
+                         f"{lora[clash[0]]!r}; drop the lora block (it is read from adapter_config.json)")
+    return stage.model_copy(update={"lora": stage.lora.model_validate({**stage.lora.model_dump(), **lora})})
+
+
+def _normalised(value: Any) -> Any:
+    return sorted(value) if isinstance(value, list) else value
+
+
+def import_stage(model: str, adapter: str | Path, data: str | Path, out: str | Path, *, method: str | None = None,
+                 config: str | Path | None = None) -> Any:
+    """Write an externally trained LoRA adapter, its training pairs and objective as a stage of ``out``.
+
+    Args:
+        model: the base model the adapter was trained on (built-in name, local directory or hub id).
+        adapter: the PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``).
+        data: the preference pairs it was trained on, in any format ``load_preferences`` reads.
+        out: run directory.
+        method: the training method; optional when ``config`` names it.
+        config: a one-stage YAML with the objective's settings (beta, loss_type, max_length, ...).
+
+    Returns:
+        The ``StageResult`` (a cache hit when the same adapter, data and config were imported before).
+    """
+    from alignscope.align.stage import ALIGN_STAGE, PAIRS_FILE, StageResult, _use_cpu, resolve_precision
+    from alignscope.data.preferences import load_preferences, preferences_fingerprint, write_preferences
+    from alignscope.models import load
+
+    adapter = Path(adapter)
+    lora = adapter_lora_settings(adapter)
+    stage = imported_stage_config(method, None if config is None else Path(config), lora)
+    pairs = load_preferences(data)
+    ids = [str(p.id) for p in pairs]
+    if not pairs:
+        raise InputError(f"--data {data}: no preference pairs")
+    if len(set(ids)) != len(ids):
+        raise InputError(f"--data {data}: duplicate pair ids; ids must be unique")
+    import torch
+
+    from alignscope.models.loading import resolve_device
+
+    device = torch.device("cpu") if _use_cpu() else resolve_device("auto")
+    weights, autocast = resolve_precision(stage, device)  # what `align` would train this stage in here
+    spec = str(Path(model).resolve()) if Path(model).is_dir() else str(model)
+    lm = load(spec, adapter=adapter, dtype=weights, device=device)  # refuses an adapter that does not fit
+    if not getattr(lm.tokenizer, "chat_template", None):
+        raise InputError(f"--model {model}: has no chat template, and attribution formats pairs as chat turns")
+    precision = {"weights": str(weights).removeprefix("torch."), "bf16_autocast": autocast}
+    inputs = {"stage": ALIGN_STAGE, "imported": lm.fingerprint, "method": stage.method,
+              "data": preferences_fingerprint(pairs), "config": stage.result_dict(), "precision": precision}
+    run = RunDir(out)
+    found = run.find(ALIGN_STAGE, inputs)
+    if found is None:
+        with run.build(ALIGN_STAGE, inputs) as scratch:
+            (scratch / "adapter").mkdir()
+            for name in ("adapter_config.json", WEIGHTS_FILE):
+                shutil.copyfile(adapter / name, scratch / "adapter" / name)
+            write_preferences(pairs, scratch / PAIRS_FILE)
+            atomic_write_json(scratch / "summary.json", _summary(stage, spec, lm, adapter, pairs, precision,
+                                                                 inputs["data"], versions()))
+        found = run.find(ALIGN_STAGE, inputs)
+        assert found is not None
+        return StageResult.from_dir(found.path, cached=False)
+    return StageResult.from_dir(found.path, cached=True)
+
+
+def _summary(stage: StageConfig, spec: str, lm: Any, adapter: Path, pairs: list[Any], precision: dict[str, Any],
+             data_fp: str, versions: dict[str, Any]) -> dict[str, Any]:
+    """A stage summary with what an import knows; training figures it cannot know are null."""
+    return {
+        "method": stage.method, "label": stage.name or f"{stage.method} (imported)",
+        "steps": None, "epochs": None, "final_loss": None, "train_time_s": None, "setup_time_s": None,
+        "pairs_per_s": None, "examples_per_s": None, "n_pairs": len(pairs), "n_examples": None,
+        "max_length": stage.max_length, "resumed_from_step": None, "processes": None, "seed": stage.seed,
+        "start_model": spec, "start_model_in_run": None, "start_source": lm.source, "init_adapter": None,
+        "base_fingerprint": None, "policy_fingerprint": lm.fingerprint, "data_fingerprint": data_fp,
+        "precision": precision, "finetune": "lora", "config": stage.model_dump(mode="json"), "reference": None,
+        "imported": {"adapter": str(adapter.resolve()),
+                     "note": "trained outside alignscope: steps, loss and times are unknown; the objective's "
+                             "settings are as given at import; the LoRA settings are the adapter's own"},
+        "versions": versions,
+    }
