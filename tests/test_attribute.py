@@ -473,6 +473,53 @@ def test_cli_attribute_and_curate(trained, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("trained", ["dpo"], indirect=True)
+def test_curate_zero_loss_writes_the_stage_config_that_align_retrains(trained, tmp_path, capsys):
+    """`curate --zero-loss` writes the stage's own config with the top-k ids zeroed; the command it
+    prints retrains exactly that (same settings, every pair, k of them zeroed)."""
+    import shlex
+
+    from alignscope.align.config import load_stage_config
+    from alignscope.cli import main
+
+    def cli(args: list[str]) -> int:
+        with pytest.raises(SystemExit) as exit_info:
+            main(args)
+        return int(exit_info.value.code or 0)
+
+    run, result = trained
+    artefact = attribute(run, result.path, EchoProbe(), methods=["gradsim"])
+    top = pd.read_parquet(artefact.file("scores.parquet")).sort_values("rank")["pair_id"].head(2).tolist()
+    out = tmp_path / "zeroed.yaml"
+    assert cli(["curate", "--run", str(run), "--attribution", artefact.key, "--drop-top", "2", "--zero-loss",
+                "--out", str(tmp_path / "zeroed.jsonl")]) == 2
+    assert "name it .yaml" in capsys.readouterr().err
+    assert cli(["curate", "--run", str(run), "--attribution", artefact.key, "--drop-top", "2", "--zero-loss",
+                "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "retraining with their loss zeroed removes" in printed
+    (stage,) = load_stage_config(out)
+    assert stage.zero_loss_pairs == sorted(top)
+    original = StageConfig(**result.summary["config"]).result_dict()
+    assert {k: v for k, v in stage.result_dict().items() if k != "zero_loss_pairs"} == original
+    command = shlex.split(next(line for line in printed.splitlines() if line.startswith("retrain: ")
+                               ).removeprefix("retrain: alignscope "))
+    command[command.index("--out") + 1] = str(tmp_path / "retrained")
+    assert cli(command) == 0
+    retrained = json.loads(next((tmp_path / "retrained" / "align").glob("*/summary.json")).read_text())
+    assert retrained["n_pairs"] == len(planted_pairs()) and retrained["config"]["zero_loss_pairs"] == sorted(top)
+
+
+def test_zero_loss_stage_refuses_a_stage_it_cannot_zero_in_one_line(tmp_path):
+    from types import SimpleNamespace
+
+    from alignscope.attribute.core import zero_loss_stage
+
+    head = StageConfig(method="dpo", lora={"target_modules": ["q_proj", "lm_head"]}).model_dump(mode="json")
+    with pytest.raises(InputError, match=r"lm_head.*curate without --zero-loss"):
+        zero_loss_stage(SimpleNamespace(summary={"config": head}, path=tmp_path), ["p0"])
+
+
+@pytest.mark.parametrize("trained", ["dpo"], indirect=True)
 def test_lds_retrains_on_random_subsets_and_correlates_predictions(trained):
     """LDS: each subset is retrained (a cached stage of the run), f is measured there, and the
     prediction is the sum of the subset's scores; with the echo probe, subsets holding the planted

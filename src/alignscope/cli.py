@@ -368,32 +368,60 @@ def curate_cmd(
     run: Annotated[Path, typer.Option(help="Run directory holding the attribution.")],
     attribution: Annotated[str, typer.Option(help="Attribution directory, or its key under RUN/attribution/.")],
     drop_top: Annotated[int, typer.Option(help="Drop this many top-ranked pairs.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the kept pairs (.jsonl or .parquet).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the kept pairs (.jsonl or .parquet), "
+                                      "or with --zero-loss the stage YAML (.yaml).")],
     random: Annotated[bool, typer.Option("--random", help="Control: drop as many random pairs instead.")] = False,
+    zero_loss: Annotated[bool, typer.Option("--zero-loss", help="Write the stage's config with the dropped pairs "
+                                            "in zero_loss_pairs instead: retraining it keeps every pair in its "
+                                            "batch and gives the dropped ones no gradient.")] = False,
     seed: int = 0,
 ) -> None:
     """Write the training pairs without the top-k attributed ones (or, with --random, k random ones)."""
     from alignscope.attribute import curate
-    from alignscope.attribute.core import attribution_pairs
+    from alignscope.attribute.core import attribution_stage, stage_pairs
     from alignscope.attribute.validation import default_scores, predicted_fraction_removed
-    from alignscope.data.preferences import write_preferences
 
-    path, pairs = attribution_pairs(run, attribution)
+    path, stage = attribution_stage(run, attribution)
+    pairs = stage_pairs(stage)
+    if zero_loss and out.suffix not in (".yaml", ".yml"):
+        raise InputError(f"--out {out}: with --zero-loss the output is a stage YAML; name it .yaml")
     done = curate(pairs, path, drop_top=drop_top, random_k=drop_top if random else None, seed=seed)
-    kept = done.control_kept if random else done.kept
-    assert kept is not None
-    write_preferences(kept, out)
-    typer.echo(f"kept {len(kept)} of {len(pairs)} pairs ({'random' if random else 'top-attributed'} "
-               f"{drop_top} dropped) -> {out}")
-    estimator, scores = default_scores(path)
     dropped = done.control_dropped if random else done.dropped
-    if scores is not None and dropped is not None:
+    assert dropped is not None
+    which = f"{'random' if random else 'top-attributed'} {drop_top}"
+    if zero_loss:
+        _write_zero_loss_stage(stage, dropped, out)
+        typer.echo(f"{which} of {len(pairs)} pairs zeroed -> {out}\nretrain: alignscope align --model "
+                   f"{stage.start_model} --config {out} --data {stage.path / 'pairs.parquet'} --out RUN")
+    else:
+        from alignscope.data.preferences import write_preferences
+
+        kept = done.control_kept if random else done.kept
+        assert kept is not None
+        write_preferences(kept, out)
+        typer.echo(f"kept {len(kept)} of {len(pairs)} pairs ({which} dropped) -> {out}")
+    estimator, scores = default_scores(path)
+    if scores is not None:
         total = float(scores.sum())  # the change the scores explain, in their own units
         shares = [predicted_fraction_removed(scores, dropped, increase=total, same_steps=same)
                   for same in (False, True)]
-        if None not in shares:
+        if shares[0] is not None and zero_loss:  # same steps, same batches: only the dropped terms go
+            typer.echo(f"if pair effects add up, retraining with their loss zeroed removes {shares[0]:.0%} of the "
+                       f"change the {estimator} scores explain")
+        elif None not in shares:
             typer.echo(f"if pair effects add up, retraining without them removes {shares[0]:.0%} of the change the "
                        f"{estimator} scores explain ({shares[1]:.0%} for the same number of optimizer steps)")
+
+
+def _write_zero_loss_stage(stage: Any, dropped: list[str], out: Path) -> None:
+    """The stage's config, as YAML ``align --config`` reads, with ``zero_loss_pairs`` = the dropped ids."""
+    import yaml
+
+    from alignscope.attribute.core import zero_loss_stage
+    from alignscope.store import atomic_write_text
+
+    config = zero_loss_stage(stage, dropped).model_dump(mode="json", exclude_defaults=True)
+    atomic_write_text(out, yaml.safe_dump({"method": config.pop("method", stage.method), **config}, sort_keys=False))
 
 
 @contextlib.contextmanager

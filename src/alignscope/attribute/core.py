@@ -540,6 +540,12 @@ def curate(pairs: Sequence[Any], scores: pd.DataFrame | Artefact | str | Path, d
 
 def attribution_pairs(run: RunDir | str | Path, attribution: str | Path) -> tuple[Path, list[Any]]:
     """(attribution directory, the training pairs of the stage it explains)."""
+    path, stage = attribution_stage(run, attribution)
+    return path, stage_pairs(stage)
+
+
+def attribution_stage(run: RunDir | str | Path, attribution: str | Path) -> tuple[Path, Any]:
+    """(attribution directory, the stage it explains)."""
     import json
 
     run = run if isinstance(run, RunDir) else RunDir(run)
@@ -554,4 +560,17 @@ def attribution_pairs(run: RunDir | str | Path, attribution: str | Path) -> tupl
     if stage is None:
         raise InputError(f"attribution {path}: its stage {summary.get('align_key')} is not in {run.root}/align; "
                          "pass the run directory the attribution was made from")
-    return path, stage_pairs(resolve_stage(run, stage))
+    return path, resolve_stage(run, stage)
+
+
+def zero_loss_stage(stage: Any, dropped: Sequence[str]) -> Any:
+    """The stage's own config with ``dropped`` given zero loss: retraining it is the leave-k-out
+    counterfactual with the data, order and batches unchanged (see ``ZeroLossPairs``)."""
+    from alignscope.align.config import StageConfig
+
+    try:
+        return StageConfig.model_validate({**stage.summary["config"], "zero_loss_pairs": sorted(dropped)})
+    except ValueError as exc:
+        reason = exc.errors()[0]["msg"] if hasattr(exc, "errors") else str(exc)
+        raise InputError(f"stage {stage.path}: {reason.removeprefix('Value error, ')}; retrain without the "
+                         "pairs instead (curate without --zero-loss)") from None
