@@ -363,16 +363,34 @@ def _lora_b(result) -> dict[str, torch.Tensor]:
     return {k: v for k, v in adapter_tensors(result).items() if "lora_B" in k}
 
 
-def test_zeroing_a_pair_leaves_exactly_the_other_pairs_gradient(tiny_model_dir, tmp_path):
-    """One plain-SGD step from LoRA's B = 0: B moves by −lr·(mean gradient). With pair p1 zeroed in the
-    batch {p0, p1}, the mean is ∇L(p0)/2, which is half the step that p0 alone takes; a hook that
-    zeroed the wrong rows (or none) would move B along p1's gradient instead."""
+# Rows a pair gives the trainer: KTO has a desirable and an undesirable row per pair.
+ZERO_LOSS_ROWS = {"dpo": 1, "sft": 1, "orpo": 1, "simpo": 1, "kto": 2}
+
+
+@pytest.mark.parametrize("method", list(ZERO_LOSS_ROWS))
+def test_zeroing_a_pair_leaves_exactly_the_other_pairs_gradient(method, tiny_model_dir, tmp_path):
+    """One plain-SGD step from LoRA's B = 0: B moves by −lr·∇(batch loss). With p1 zeroed in the batch
+    {p0, p1} the normaliser still counts p1, so the step is p0 alone's step times p0's share of it:
+    DPO and SimPO (pair mean) and KTO (mean over the four replies, its detached KL baseline 0 while
+    policy = reference) give ½; SFT's token mean gives n0/(n0+n1) and ORPO's loss adds such a token
+    mean (the NLL over the chosen rows) to a pair mean, both ½ because p0 and p1 have equally long
+    chosen sequences (checked). A hook that zeroed the wrong rows, or none, or a KL term that carried
+    p1's gradient, would move B along p1's gradient instead."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     pairs = easy_pairs(2)
-    sgd = dict(method="dpo", max_steps=1, optim="sgd", max_grad_norm=0.0, learning_rate=1e-2)
-    zeroed = train_stage(str(tiny_model_dir), stage(**sgd, zero_loss_pairs=["p1"]), pairs, tmp_path / "zeroed")
-    alone = train_stage(str(tiny_model_dir), stage(**sgd, per_device_train_batch_size=1), pairs[:1],
+    lengths = {len(tokenizer(tokenizer.apply_chat_template([*p.prompt, {"role": "assistant", "content": p.chosen}],
+                                                           tokenize=False)).input_ids) for p in pairs}
+    assert len(lengths) == 1
+    rows = ZERO_LOSS_ROWS[method]
+    sgd = dict(method=method, max_steps=1, optim="sgd", max_grad_norm=0.0, learning_rate=1e-2)
+    zeroed = train_stage(str(tiny_model_dir), stage(**sgd, per_device_train_batch_size=2 * rows,
+                                                    zero_loss_pairs=["p1"]), pairs, tmp_path / "zeroed")
+    alone = train_stage(str(tiny_model_dir), stage(**sgd, per_device_train_batch_size=rows), pairs[:1],
                         tmp_path / "alone")
-    both = train_stage(str(tiny_model_dir), stage(**sgd), pairs, tmp_path / "both")
+    both = train_stage(str(tiny_model_dir), stage(**sgd, per_device_train_batch_size=2 * rows), pairs,
+                       tmp_path / "both")
     z, a, b = _lora_b(zeroed), _lora_b(alone), _lora_b(both)
     scale = max(float(t.abs().max()) for t in a.values())
     assert scale > 0
@@ -381,13 +399,15 @@ def test_zeroing_a_pair_leaves_exactly_the_other_pairs_gradient(tiny_model_dir, 
     assert max(float((2 * z[n] - b[n]).abs().max()) for n in b) > 1e-2 * scale  # p1 did move the plain stage
 
 
-def test_zero_loss_on_every_pair_keeps_the_initial_adapter_and_on_none_changes_nothing(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("method", list(ZERO_LOSS_ROWS))
+def test_zero_loss_on_every_pair_keeps_the_initial_adapter_and_on_none_changes_nothing(method, tiny_model_dir,
+                                                                                       tmp_path):
     pairs = easy_pairs(4)
     ids = [p.id for p in pairs]
-    plain = train_stage(str(tiny_model_dir), stage(method="dpo", max_steps=2), pairs, tmp_path / "plain")
-    none = train_stage(str(tiny_model_dir), stage(method="dpo", max_steps=2, zero_loss_pairs=[]), pairs,
+    plain = train_stage(str(tiny_model_dir), stage(method=method, max_steps=2), pairs, tmp_path / "plain")
+    none = train_stage(str(tiny_model_dir), stage(method=method, max_steps=2, zero_loss_pairs=[]), pairs,
                        tmp_path / "none")
-    every = train_stage(str(tiny_model_dir), stage(method="dpo", max_steps=2, zero_loss_pairs=ids), pairs,
+    every = train_stage(str(tiny_model_dir), stage(method=method, max_steps=2, zero_loss_pairs=ids), pairs,
                         tmp_path / "every")
     p, n = adapter_tensors(plain), adapter_tensors(none)
     assert all(torch.equal(p[k], n[k]) for k in p)  # weight 1 is exact
@@ -401,9 +421,12 @@ def test_zero_loss_on_every_pair_keeps_the_initial_adapter_and_on_none_changes_n
 def test_zero_loss_pairs_are_checked():
     assert "zero_loss_pairs" not in StageConfig().result_dict()  # older stages keep their cache keys
     assert StageConfig(zero_loss_pairs=["b", "a", "b"]).result_dict()["zero_loss_pairs"] == ["a", "b"]
-    for bad, words in [(dict(method="sft"), "dpo and ipo"), (dict(finetune="full"), "finetune: lora"),
+    for method in ZERO_LOSS_ROWS:
+        assert StageConfig(method=method, zero_loss_pairs=["p0"]).zero_loss_pairs == ["p0"]
+    for bad, words in [(dict(method="rloo"), "not rloo"), (dict(finetune="full"), "finetune: lora"),
                        (dict(lora={"target_modules": ["q_proj", "lm_head"]}), "lm_head"),
-                       (dict(loss_type="aot"), "sorts scores"), (dict(trl={"padding_free": True}), "one row")]:
+                       (dict(loss_type="aot"), "sorts scores"), (dict(trl={"padding_free": True}), "one row"),
+                       (dict(method="sft", trl={"packing": True}), "packing puts several examples in one row")]:
         with pytest.raises(ValueError, match=words):
             StageConfig(zero_loss_pairs=["p0"], **bad)
 

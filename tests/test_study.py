@@ -92,8 +92,8 @@ def test_zero_loss_curation_retrains_on_every_pair_with_the_dropped_ones_zeroed(
 
 
 def test_zero_loss_curation_is_refused_for_a_stage_it_cannot_zero(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="curation.retrain zero_loss, arm 'sft'.*dpo and ipo"):
-        StudyConfig.model_validate({"arms": {"sft": [{"method": "sft"}]}, "curation": {"retrain": "zero_loss"}})
+    with pytest.raises(ValueError, match="curation.retrain zero_loss, arm 'rl'.*not rloo"):
+        StudyConfig.model_validate({"arms": {"rl": [{"method": "rloo"}]}, "curation": {"retrain": "zero_loss"}})
 
 
 def test_zero_loss_leaves_a_stage_with_its_own_data_alone() -> None:

@@ -81,18 +81,32 @@ class LoraSettings(BaseModel):
     use_rslora: bool = False
 
 
+# Methods whose pairs ``zero_loss_pairs`` can zero exactly (see ``check_zero_loss``).
+ZERO_LOSS_METHODS: tuple[str, ...] = ("sft", "dpo", "ipo", "orpo", "simpo", "kto")
+
+
 def check_zero_loss(stage: StageConfig) -> None:
-    """Zeroing a pair scales the gradient that reaches the transformer's last hidden state, which is
-    exact for every weight below it (all LoRA adapters on the blocks) but not for the output head or
-    for losses that mix examples, so only those cases are allowed."""
-    if stage.method not in ("dpo", "ipo"):
-        raise ValueError(f"zero_loss_pairs: supported for dpo and ipo stages, not {stage.method}")
+    """Refuse the stages where zeroing a pair's gradient is not exact.
+
+    Zeroing scales, row by row, the gradient that reaches the transformer's last hidden state
+    (``alignscope.align.recipes.ZeroLossPairs``). That is exact for every weight below it (all LoRA
+    adapters on the blocks) when each loss term depends only on its own pair's rows, as in TRL 1.16's
+    SFT, DPO/IPO, ORPO, SimPO (CPO) and KTO losses (KTO's KL baseline is computed without gradient).
+    It is not exact for the output head, for rows that hold several examples (packing, padding_free),
+    for losses that sort pairs against each other (aot), or for RLOO, whose rows are deduplicated
+    prompts with sampled completions rather than the pairs.
+    """
+    if stage.method not in ZERO_LOSS_METHODS:
+        raise ValueError(f"zero_loss_pairs: supported for {', '.join(ZERO_LOSS_METHODS)} stages, not "
+                         f"{stage.method} (it trains on completions it samples for deduplicated prompts, so a "
+                         "pair has no rows of its own)")
     if stage.finetune != "lora" or "lm_head" in stage.lora.target_modules:
         raise ValueError("zero_loss_pairs: needs finetune: lora without an adapter on lm_head (the output "
                          "head's gradient is not scaled per pair)")
-    if stage.trl.get("padding_free"):
-        raise ValueError("zero_loss_pairs: padding_free packs the batch into one row, so pairs cannot be told "
-                         "apart; leave trl.padding_free unset")
+    packed = [key for key in ("padding_free", "packing") if stage.trl.get(key)]
+    if packed:
+        raise ValueError(f"zero_loss_pairs: trl.{packed[0]} puts several examples in one row, so pairs cannot "
+                         f"be told apart; leave trl.{packed[0]} unset")
     mixing = sorted(set(stage.resolved("loss_type") or []) & {"aot", "aot_unpaired"})
     if mixing:
         raise ValueError(f"zero_loss_pairs: loss_type {mixing[0]} sorts scores across the batch, so a pair's "
@@ -155,9 +169,10 @@ class StageConfig(BaseModel):
                                            "run's reference cache instead of recomputing them every step.")
     precompute_ref_batch_size: int = Field(8, ge=1)
     zero_loss_pairs: list[str] | None = Field(
-        None, description="DPO/IPO with LoRA: ids of pairs that stay in the data, its order and its batches, but "
-        "whose loss is multiplied by 0, so they add no gradient. This is the leave-k-out objective with "
-        "nothing else changed (curation's zero-loss retrain); the logged loss still includes them.")
+        None, description="SFT, DPO/IPO, ORPO, SimPO or KTO with LoRA: ids of pairs that stay in the data, its "
+        "order and its batches, but whose loss is multiplied by 0, so they add no gradient (means keep their "
+        "normaliser: SFT still divides by every labelled token of the batch). This is the leave-k-out objective "
+        "with nothing else changed (curation's zero-loss retrain); the logged loss still includes them.")
 
     # RLOO
     reward: str = Field("helpful_harmless", description="RLOO reward: a name from alignscope.data.synthesis."

@@ -79,22 +79,34 @@ def _backbone(model: Any) -> Any:
 
 
 class ZeroLossPairs:
-    """Mixin for TRL's DPO trainer: rows with ``loss_weight`` 0 keep their batch slot but add no gradient.
+    """Mixin for TRL's SFT, DPO/IPO, ORPO, CPO (SimPO) and KTO trainers: rows with ``loss_weight`` 0 keep
+    their batch slot but add no gradient.
 
     Why not drop them: a retrain on fewer pairs also reorders and regroups every other pair, and on
     the default study that alone moves the planted effect up to 2.3× (BENCHMARKS.md, session 11).
     Here the data, its order and its batches stay; only the objective loses the zeroed pairs' terms,
     which is the leave-k-out counterfactual that influence scores estimate.
 
-    How, without copying TRL's loss: every pair's loss depends only on its own two rows (chosen in
-    the first half of the batch, rejected in the second), so multiplying the gradient that reaches
-    the backbone's last hidden state, row by row, by the pair's weight multiplies that pair's whole
-    contribution to every weight below it: the LoRA adapters (``StageConfig`` rejects the cases
-    where this is not exact). The forward pass, and so the logged loss, are untouched.
+    How, without copying TRL's losses: in each of these trainers every loss term depends only on its
+    own pair's rows, so multiplying the gradient that reaches the backbone's last hidden state, row
+    by row, by the pair's weight multiplies that pair's whole contribution to every weight below it:
+    the LoRA adapters (``check_zero_loss`` refuses the cases where this is not exact). Rows: SFT has
+    one per pair; DPO/IPO, ORPO and SimPO concatenate the chosen rows, then the rejected rows, so the
+    weights repeat; KTO has one per reply, and both replies of a pair carry its weight. KTO's KL
+    baseline is a forward under ``no_grad``, detached: the zeroed replies still enter its value (they
+    are still in the batch) but pass no gradient through it.
+
+    Normalisers stay as they are: the zeroed terms are multiplied by 0 inside the same mean, so DPO,
+    ORPO, SimPO and KTO still divide by every pair / reply of the batch, and SFT (like ORPO's NLL
+    term) by every labelled token of the batch, the zeroed rows' included. The forward pass, and so
+    the logged loss, are untouched.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if getattr(self, "aux_loss_enabled", False):  # computed from router logits, so the hook misses it
+            raise InputError("zero_loss_pairs: the model's MoE router loss mixes every token of the batch and "
+                             "is not scaled per pair; train without it (router_aux_loss_coef 0)")
         collate = self.data_collator  # type: ignore[has-type]
 
         def with_weights(examples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -121,6 +133,7 @@ class ZeroLossPairs:
                 return
             if hidden.shape[0] % len(weights):
                 raise RuntimeError(f"zero_loss_pairs: {hidden.shape[0]} rows for {len(weights)} pairs")
+            # one row per example (SFT, KTO), or the chosen rows then the rejected rows (pairwise)
             rows = weights.to(hidden.device, hidden.dtype).repeat(hidden.shape[0] // len(weights))
             hidden.register_hook(lambda grad: grad * rows.view(-1, *([1] * (grad.dim() - 1))))
 
@@ -205,25 +218,31 @@ def build_rows(method: str, pairs: Sequence[Any], seed: int,
                zero_loss: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """The rows TRL's trainer for ``method`` expects, built from preference pairs.
 
-    ``zero_loss`` (DPO/IPO): pair ids whose rows get ``loss_weight`` 0 (see ``ZeroLossPairs``).
+    ``zero_loss`` (every method but rloo): pair ids whose rows get ``loss_weight`` 0, the others 1
+    (see ``ZeroLossPairs``); under KTO both the desirable and the undesirable row of a pair.
     """
+    zeroed = None if zero_loss is None else set(zero_loss)
+
+    def weighted(row: dict[str, Any], pair: Any) -> dict[str, Any]:
+        if zeroed is not None:
+            row[LOSS_WEIGHT] = 0.0 if str(pair.id) in zeroed else 1.0
+        return row
+
     if method in PAIRWISE:
-        rows = [{"prompt": _prompt(p), "chosen": _reply(p.chosen), "rejected": _reply(p.rejected)} for p in pairs]
-        if method in ("dpo", "ipo"):
-            for row, p in zip(rows, pairs, strict=True):
-                row["id"] = str(p.id)
-            if zero_loss is not None:
-                zeroed = set(zero_loss)
-                for row in rows:
-                    row[LOSS_WEIGHT] = 0.0 if row["id"] in zeroed else 1.0
+        rows = []
+        for p in pairs:
+            row = {"prompt": _prompt(p), "chosen": _reply(p.chosen), "rejected": _reply(p.rejected)}
+            if method in ("dpo", "ipo"):
+                row["id"] = str(p.id)  # the reference cache's key
+            rows.append(weighted(row, p))
         return rows
     if method == "sft":
-        return [{"prompt": _prompt(p), "completion": _reply(p.chosen)} for p in pairs]
+        return [weighted({"prompt": _prompt(p), "completion": _reply(p.chosen)}, p) for p in pairs]
     if method == "kto":
         rows = []
         for p in pairs:
-            rows.append({"prompt": _prompt(p), "completion": _reply(p.chosen), "label": True})
-            rows.append({"prompt": _prompt(p), "completion": _reply(p.rejected), "label": False})
+            rows.append(weighted({"prompt": _prompt(p), "completion": _reply(p.chosen), "label": True}, p))
+            rows.append(weighted({"prompt": _prompt(p), "completion": _reply(p.rejected), "label": False}, p))
         random.Random(seed).shuffle(rows)
         return rows
     if method == "rloo":

@@ -130,7 +130,7 @@ class CurationSettings(_Strict):
     retrain: Literal["drop", "zero_loss"] = Field(
         "drop", description="drop: retrain on the kept pairs only. zero_loss: retrain on every pair, in the "
         "same order and batches, with the dropped pairs' loss multiplied by 0 (the leave-k-out objective with "
-        "nothing else changed; DPO/IPO LoRA stages only). same_steps does not apply to it: the steps are "
+        "nothing else changed; LoRA stages of any method but RLOO). same_steps does not apply to it: the steps are "
         "already the same. On the default study its random draws spread less but removed more (BENCHMARKS.md, "
         "session 12).")
 
