@@ -241,6 +241,30 @@ def test_sign_convention_and_planted_recovery(trained):
     assert set(summary["timings"]) >= {"load_s", "train_gradients_s", "measurement_gradients_s", "scoring_s"}
 
 
+def test_a_fully_fine_tuned_stage_is_attributed_through_its_block_weights(tiny_model_dir, tmp_path):
+    """No adapter: the scores come from the blocks' weight matrices, projected by default, and the
+    planted pairs still rank first with a positive score."""
+    from alignscope.attribute.core import FULL_PROJECT_DIM
+
+    cfg = dict(method="dpo", finetune="full", max_steps=3, per_device_train_batch_size=4, max_length=48,
+               dtype="float32", learning_rate=1e-3, save_steps=50, beta=0.5)
+    result = train_stage(str(tiny_model_dir), StageConfig(**cfg), planted_pairs(), tmp_path)
+    artefact = attribute(tmp_path, result.path, EchoProbe(), methods=["gradsim", "datainf"])
+    scores = pd.read_parquet(artefact.file("scores.parquet")).set_index("pair_id")
+    summary = json.loads(artefact.file("summary.json").read_text())
+    assert summary["gradients"]["weights"].startswith("the linear weights of the transformer blocks")
+    inputs = json.loads(artefact.file("inputs.json").read_text())
+    assert inputs["project_dim"] == FULL_PROJECT_DIM
+    default = summary["default_estimator"]
+    assert scores.loc["x0", f"score_{default}"] > 0 and scores.loc["x1", f"score_{default}"] > 0
+    assert summary["planted"]["estimators"][default]["auc"] == 1.0
+    # without the stage's reference cache there is no adapter to disable: refused, not silently wrong
+    no_cache = train_stage(str(tiny_model_dir), StageConfig(**cfg, precompute_ref_log_probs=False), planted_pairs(),
+                           tmp_path / "no-cache")
+    with pytest.raises(InputError, match="no reference log-prob cache"):
+        attribute(tmp_path / "no-cache", no_cache.path, EchoProbe(), methods=["gradsim"])
+
+
 def test_rerun_is_a_cache_hit_and_projection_changes_the_key(trained, monkeypatch):
     run, result = trained
     first = attribute(run, result.path, EchoProbe(), methods=["gradsim"])

@@ -11,7 +11,7 @@ import torch
 from alignscope.align import StageConfig, StageResult, stage_reference, train_stage
 from alignscope.attribute.estimators import loss_rows
 from alignscope.attribute.gradients import (
-    LoraGradients,
+    WeightGradients,
     check_layers,
     collect_pair_gradients,
     measurement_gradients,
@@ -85,10 +85,10 @@ def test_reference_logprobs_reproduce_the_stage_cache(dpo_stage):
 
 def loop_gradient(lm, objective, pair, ref_c, ref_r):
     """The slow reference: one pair's loss, autograd w.r.t. every LoRA weight, flattened in order."""
-    from alignscope.attribute.gradients import lora_linears
+    from alignscope.attribute.gradients import trained_linears
 
     lp = LogProbModel(lm.model, lm.tokenizer.pad_token_id)
-    weights = [m.weight for _, m in lora_linears(lm.model)]
+    weights = [m.weight for _, m in trained_linears(lm.model)]
     for w in weights:
         w.requires_grad_(True)
     rows = encode_pair(lm.tokenizer, pair, objective.sides, 40, "keep_start")
@@ -100,11 +100,13 @@ def loop_gradient(lm, objective, pair, ref_c, ref_r):
     return torch.cat([g.reshape(-1) for g in grads]).double().numpy(), float(loss.detach())
 
 
-@pytest.mark.parametrize("method", ["dpo", "sft"])
+@pytest.mark.parametrize("method", ["dpo", "sft", "dpo-full"])
 def test_batched_gradients_equal_a_per_example_loop(dpo_stage, tiny_model_dir, tmp_path, method):
     run_dir, data, result = dpo_stage
     if method == "sft":
         result = train_stage(str(tiny_model_dir), stage("sft"), data, run_dir)
+    if method == "dpo-full":  # no adapter: the gradients are the blocks' own weight matrices
+        result = train_stage(str(tiny_model_dir), stage(beta=0.5, finetune="full"), data, run_dir)
     lm = loaded(result)
     objective = objective_from_summary(result.summary)
     ref = stage_reference(result.path) if objective.needs_reference else None
@@ -120,17 +122,19 @@ def test_batched_gradients_equal_a_per_example_loop(dpo_stage, tiny_model_dir, t
         expected, loss = loop_gradient(lm, objective, p, rc, rr)
         assert batched[i] == pytest.approx(expected, abs=1e-5, rel=1e-4)
         assert gs.table.loc[i, "loss"] == pytest.approx(loss, abs=1e-5)
-    # every LoRA weight (A and B of each adapted module) got a gradient somewhere
-    assert len(gs.layers) == 2 * 2 * 2  # 2 layers × (q, v) × (A, B)
+    if method == "dpo-full":  # 2 blocks × (q, k, v, o, gate, up, down), never the head
+        assert len(gs.layers) == 2 * 7 and not any("lm_head" in layer.name for layer in gs.layers)
+    else:  # every LoRA weight (A and B of each adapted module) got a gradient somewhere
+        assert len(gs.layers) == 2 * 2 * 2  # 2 layers × (q, v) × (A, B)
 
 
 def token_factor_sums(lm, data, objective) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The slow reference for the K-FAC sums: each side row alone, autograd to every LoRA linear's
     output, Σ x xᵀ and Σ g gᵀ over the tokens whose output gradient is non-zero."""
-    from alignscope.attribute.gradients import lora_linears
+    from alignscope.attribute.gradients import trained_linears
 
     lp = LogProbModel(lm.model, lm.tokenizer.pad_token_id)
-    modules = lora_linears(lm.model)
+    modules = trained_linears(lm.model)
     sums = {name: (torch.zeros(m.weight.shape[1], m.weight.shape[1], dtype=torch.float64),
                    torch.zeros(m.weight.shape[0], m.weight.shape[0], dtype=torch.float64)) for name, m in modules}
     for pair in data:
@@ -174,7 +178,7 @@ def test_measurement_equals_the_engine(dpo_stage):
                 ScoreRequest("Tell me about tea.", "No, tea is dull.", chat=True),
                 ScoreRequest("The sky is", " blue", chat=False)]
     weights = [1.0, -1.0, 0.5]
-    grads = LoraGradients(lm.model)
+    grads = WeightGradients(lm.model)
     logps, rows = measurement_gradients(lm, grads, requests, weights, batch_tokens=32)
     engine = Engine(lm, cache=None, progress=False)
     expected = [r.logprob for r in engine.score(requests)]
@@ -207,8 +211,8 @@ def test_a_layer_selection_gives_the_same_gradients_for_its_blocks(dpo_stage, tm
         assert np.asarray(part.side(side)) == pytest.approx(np.asarray(whole.side(side))[:, columns], abs=1e-5)
     assert part.table["loss"].tolist() == pytest.approx(whole.table["loss"].tolist(), abs=1e-6)
     req = [ScoreRequest("Tell me about tea.", " Sure thing.", chat=True)]
-    full = measurement_gradients(lm, LoraGradients(lm.model), req, [1.0])[1]
-    sub = measurement_gradients(lm, LoraGradients(lm.model, layers=layers), req, [1.0])[1]
+    full = measurement_gradients(lm, WeightGradients(lm.model), req, [1.0])[1]
+    sub = measurement_gradients(lm, WeightGradients(lm.model, layers=layers), req, [1.0])[1]
     assert sub == pytest.approx(full[:, columns], abs=1e-5)
 
 
@@ -222,7 +226,7 @@ def test_a_selection_larger_than_the_model_names_its_block_count(dpo_stage):
     lm = loaded(dpo_stage[2])
     assert check_layers(" Last:3 ") == "last:3"
     with pytest.raises(InputError, match="2 LoRA-adapted blocks"):
-        LoraGradients(lm.model, layers="last:3")
+        WeightGradients(lm.model, layers="last:3")
 
 
 def test_projection_keeps_dot_products_roughly(dpo_stage):
@@ -230,16 +234,16 @@ def test_projection_keeps_dot_products_roughly(dpo_stage):
     lm = loaded(result)
     req = [ScoreRequest("Tell me about tea.", " Sure thing.", chat=True),
            ScoreRequest("Tell me about rain.", " No.", chat=True)]
-    full = measurement_gradients(lm, LoraGradients(lm.model), req, [1.0, 1.0])[1].astype(np.float64)
+    full = measurement_gradients(lm, WeightGradients(lm.model), req, [1.0, 1.0])[1].astype(np.float64)
     exact = float(full[0] @ full[1])
     estimates = []
     for seed in range(8):
-        proj = LoraGradients(lm.model, project_dim=64, seed=seed)
+        proj = WeightGradients(lm.model, project_dim=64, seed=seed)
         g = measurement_gradients(lm, proj, req, [1.0, 1.0])[1].astype(np.float64)
         assert g.shape[1] <= 64
         estimates.append(float(g[0] @ g[1]))
     assert np.sign(np.mean(estimates)) == np.sign(exact)
-    again = measurement_gradients(lm, LoraGradients(lm.model, project_dim=64, seed=3), req, [1.0, 1.0])[1]
+    again = measurement_gradients(lm, WeightGradients(lm.model, project_dim=64, seed=3), req, [1.0, 1.0])[1]
     assert float(again[0].astype(np.float64) @ again[1]) == pytest.approx(estimates[3], rel=1e-5)  # seeded
 
 

@@ -300,7 +300,8 @@ def attribute_cmd(
         help="gradsim, tracin, datainf, ekfac_onepass (EK-FAC on the collection pass), ekfac or kfac (through "
              "kronfluence), or all; comma-separated or repeatable "
              "(default: gradsim and datainf).")] = None,
-    project_dim: Annotated[Optional[int], typer.Option(help="Randomly project gradients to K dims.")] = None,
+    project_dim: Annotated[Optional[int], typer.Option(help="Randomly project gradients to K dims (default: exact "
+                                                       "for LoRA stages, 1048576 for fully fine-tuned ones).")] = None,
     layers: Annotated[Optional[str], typer.Option(
         help="Which transformer blocks' LoRA weights the gradients cover: all, last:N or last:P% "
              "(default: last:50%, the later half).")] = None,

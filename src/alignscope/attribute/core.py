@@ -46,6 +46,12 @@ METHODS = (*METHOD_GROUPS, "all")
 DEFAULT_METHODS = ("gradsim", "datainf")
 #: Which blocks' LoRA weights the gradients cover by default (see ``gradients.check_layers``).
 DEFAULT_LAYERS = "last:50%"
+#: Projection of a fully fine-tuned stage's gradients when none is asked for: about as many dims as
+#: the LoRA default's exact gradients on SmolLM2 (1.2 M over the later half), where the unprojected
+#: weight matrices would take 53 M floats per reply.
+FULL_PROJECT_DIM = 2**20
+FULL_WEIGHTS = ("the linear weights of the transformer blocks (full fine-tuning; embeddings, norms and the output "
+                "head are not covered)")
 #: What ``--method all`` runs: every estimator that needs nothing the stage may lack (checkpoints).
 ALL_METHODS = ("gradsim", "datainf", "ekfac_onepass", "ekfac")
 #: Preference order of the default estimator; raw dot is never the default (see estimators.py).
@@ -203,6 +209,8 @@ def attribute(run: RunDir | str | Path, stage_dir: str | Path, probe: Any, *, me
         if items is None:
             items = probe.load_items(limit=limit, seed=seed)
         requests, weights = measurement_terms(probe, items, metric)
+    if project_dim is None and stage.summary.get("finetune") == "full":
+        project_dim = FULL_PROJECT_DIM  # a full model's per-pair gradients would not fit unprojected
     grad = _GradientSettings(project_dim, layers, seed, dtype or stage.summary.get("precision", {}).get(
         "weights", "float32"), batch_tokens, chunk_pairs)
     inputs = {"stage": ATTRIBUTION_STAGE, "align": stage.key, "data": preferences_fingerprint(pairs),
@@ -356,7 +364,7 @@ def _gradients(run: RunDir, stage: Any, lm: Any, objective: Any, pairs: list[Any
                snapshot: str | None, factors: bool = False) -> tuple[Any, np.ndarray, np.ndarray]:
     """Per-pair gradients (cached) and the measurement's gradient ∇f of one adapter state
     (with ``factors``, the gradient set also keeps the K-FAC sums that ``ekfac_onepass`` needs)."""
-    from alignscope.attribute.gradients import GRADIENT_STAGE, LoraGradients, collect_pair_gradients, \
+    from alignscope.attribute.gradients import GRADIENT_STAGE, WeightGradients, collect_pair_gradients, \
         measurement_gradients
     from alignscope.data.preferences import preferences_fingerprint
 
@@ -376,7 +384,7 @@ def _gradients(run: RunDir, stage: Any, lm: Any, objective: Any, pairs: list[Any
                                 chunk_pairs=grad.chunk_pairs, factors=factors, layers=grad.layers)
     timings[f"train_gradients{suffix}_s"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    logps, mgrad = measurement_gradients(lm, LoraGradients(lm.model, grad.project_dim, grad.seed, layers=grad.layers),
+    logps, mgrad = measurement_gradients(lm, WeightGradients(lm.model, grad.project_dim, grad.seed, layers=grad.layers),
                                          requests, weights, grad.batch_tokens, summed=True)
     timings[f"measurement_gradients{suffix}_s"] = time.perf_counter() - clock
     return gs, logps, mgrad
@@ -448,7 +456,8 @@ def _outputs(result: _Result, stage: Any, objective: Any, pairs: list[Any], prob
                         "description": "f(θ) = Σ weight × log p_θ(continuation | context) over the probe's "
                                        "measurement requests; higher = worse"},
         "gradients": {"key": result.gradient_key, "dim": int(result.gradients.dim), "layers": result.layers,
-                      "lora_weights": len(result.gradients.layers), "tracin_snapshots": result.snapshots},
+                      "lora_weights": len(result.gradients.layers), "tracin_snapshots": result.snapshots,
+                      "weights": FULL_WEIGHTS if stage.summary.get("finetune") == "full" else "LoRA A and B"},
         "n_pairs": len(pairs),
     }
     planted = np.array([bool(p.planted) for p in pairs])  # pair order, as the estimators' rows (frame is ranked)

@@ -1,6 +1,9 @@
-"""Per-example gradients of the LoRA weights, batched, optionally projected, stored memory-mapped.
+"""Per-example gradients of the trained weights, batched, optionally projected, stored memory-mapped.
 
-How: every LoRA ``lora_A``/``lora_B`` linear gets a forward hook that keeps its input ``x`` and
+Which weights: the LoRA ``lora_A``/``lora_B`` linears of an adapter, or, for a fully fine-tuned
+stage, the linears of the transformer blocks (``trained_linears``); "LoRA weights" below covers both.
+
+How: every such linear gets a forward hook that keeps its input ``x`` and
 registers a hook on its output, which receives the output gradient ``g`` during backward. A
 weight's gradient for one sequence is ``Σ_t g_t xᵀ_t``, so ``einsum('bto,bti->boi')`` gives every
 row's gradient from one forward and one backward of the batch — what a training step costs,
@@ -136,8 +139,12 @@ def _select_blocks(blocks: Sequence[int], spec: str) -> set[int]:
     return set(sorted(blocks)[-keep:])
 
 
-def lora_linears(model: Any, layers: str = ALL_LAYERS) -> list[tuple[str, torch.nn.Module]]:
-    """(name, module) of every active LoRA A and B linear in the selected blocks, in model order."""
+def trained_linears(model: Any, layers: str = ALL_LAYERS) -> list[tuple[str, torch.nn.Module]]:
+    """(name, module) of the linears whose weights attribution differentiates, in the selected blocks,
+    in model order: every active LoRA A and B linear of an adapter, or, for a model without LoRA (a
+    fully fine-tuned stage), every linear inside the numbered transformer blocks. The latter leaves
+    out embeddings, norms and the output head, which full fine-tuning also trained: the scores then
+    cover the blocks' weight matrices, most of the trained parameters, and the summary says so."""
     found = []
     for name, module in model.named_modules():
         parts = getattr(module, "lora_A", None)
@@ -148,15 +155,18 @@ def lora_linears(model: Any, layers: str = ALL_LAYERS) -> list[tuple[str, torch.
                 found.append((f"{name}.lora_A.{adapter}", module.lora_A[adapter]))
                 found.append((f"{name}.lora_B.{adapter}", module.lora_B[adapter]))
     if not found:
-        raise InputError("attribution needs a LoRA adapter: the stage's model has no LoRA layers "
-                         "(full fine-tuning is not supported yet)")
+        found = [(name, module) for name, module in model.named_modules()
+                 if isinstance(module, torch.nn.Linear) and _BLOCK.match(name)]
+    if not found:
+        raise InputError("attribution needs LoRA layers or linear layers inside numbered transformer blocks "
+                         "(model.layers.<i>...); this model has neither")
     spec = check_layers(layers)
     if spec == ALL_LAYERS:
         return found
     matches = [_BLOCK.match(name) for name, _ in found]
     outside = [name for (name, _), m in zip(found, matches) if m is None]
     if outside:
-        raise InputError(f"layers {spec}: LoRA weight {outside[0]} sits outside the numbered transformer blocks; "
+        raise InputError(f"layers {spec}: weight {outside[0]} sits outside the numbered transformer blocks; "
                          "use layers all for this adapter")
     blocks = [int(m.group(2)) for m in matches if m is not None]
     keep = _select_blocks(sorted(set(blocks)), spec)
@@ -170,8 +180,9 @@ def first_block(model: Any, modules: Sequence[tuple[str, Any]]) -> torch.nn.Modu
     return model.get_submodule(match.group(1))
 
 
-class LoraGradients:
-    """Per-row gradients of all LoRA weights of ``model`` (see the module docstring)."""
+class WeightGradients:
+    """Per-row gradients of the trained linears' weights of ``model`` (``trained_linears``; see the
+    module docstring)."""
 
     def __init__(self, model: Any, project_dim: int | None = None, seed: int = 0,
                  projection: str = "gaussian", factors: bool = False, layers: str = ALL_LAYERS) -> None:
@@ -181,7 +192,7 @@ class LoraGradients:
             raise InputError(f"projection {projection!r}: use gaussian or rademacher")
         self.model = model
         spec = check_layers(layers)
-        self.modules = lora_linears(model, spec)
+        self.modules = trained_linears(model, spec)
         # A selection of blocks starts the backward at its first block's input, not at the embeddings.
         self._start = None if spec == ALL_LAYERS else first_block(model, self.modules)
         self.layers: list[Layer] = []
@@ -360,18 +371,17 @@ def reference_logprobs(lp: LogProbModel, rows: dict[str, list[Row]], batch_token
     """Side log-probs with the adapter disabled (the base = the DPO/KTO reference when no cache)."""
     out: dict[str, np.ndarray] = {}
     model = lp.model
-    with torch.no_grad(), (model.disable_adapter() if hasattr(model, "disable_adapter") else _null()):
+    if not hasattr(model, "disable_adapter"):  # the policy itself would stand in for the reference
+        raise InputError("the stage has no reference log-prob cache, and a model without an adapter cannot "
+                         "recompute one (the reference is the model before training); retrain the stage with "
+                         "precompute_ref_log_probs: true")
+    with torch.no_grad(), model.disable_adapter():
         for side, side_rows in rows.items():
             values = np.zeros(len(side_rows))
             for batch in token_batches([len(r.ids) for r in side_rows], batch_tokens, MAX_ROWS):
                 values[batch] = lp([side_rows[i] for i in batch]).double().cpu().numpy()
             out[side] = values
     return out
-
-
-@contextmanager
-def _null() -> Iterator[None]:
-    yield
 
 
 def _chunk_coefficients(objective: Objective, ids: list[str], s: dict[str, np.ndarray], n: dict[str, np.ndarray],
@@ -429,7 +439,7 @@ def collect_pair_gradients(lm: Any, pairs: Sequence[Any], objective: Objective, 
     model = lm.model
     model.eval()
     lp = LogProbModel(model, lm.tokenizer.pad_token_id or 0)
-    grads = LoraGradients(model, project_dim, seed, factors=factors, layers=layers)
+    grads = WeightGradients(model, project_dim, seed, factors=factors, layers=layers)
     rows = {side: [] for side in objective.sides}
     for pair in pairs:
         for side, row in zip(objective.sides, encode_pair(lm.tokenizer, pair, objective.sides, max_length,
@@ -543,7 +553,7 @@ def measurement_rows(lm: Any, requests: Sequence[Any]) -> list[Row]:
     return rows
 
 
-def measurement_gradients(lm: Any, grads: LoraGradients, requests: Sequence[Any], weights: Sequence[float],
+def measurement_gradients(lm: Any, grads: WeightGradients, requests: Sequence[Any], weights: Sequence[float],
                           batch_tokens: int = 4096, summed: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(log-probs, weighted per-request gradients): f = Σ w·logp and ∇f = Σ rows of the matrix.
 

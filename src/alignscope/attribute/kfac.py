@@ -120,7 +120,7 @@ def kronfluence_scores(lm: Any, pairs: Sequence[Any], objective: Objective, requ
     except ImportError as exc:
         raise InputError("--method ekfac/kfac needs kronfluence: pip install --no-deps kronfluence==1.0.1 einops "
                          "einconv opt_einsum") from exc
-    from alignscope.attribute.gradients import lora_linears, measurement_rows, reference_logprobs
+    from alignscope.attribute.gradients import trained_linears, measurement_rows, reference_logprobs
 
     pad_id = lm.tokenizer.pad_token_id or 0
     model = lm.model
@@ -141,7 +141,7 @@ def kronfluence_scores(lm: Any, pairs: Sequence[Any], objective: Objective, requ
                        for i, e in enumerate(encoded)])
     query = _Examples([{"rows": [row], "weight": float(w)}
                        for row, w in zip(measurement_rows(lm, requests), weights)])
-    tracked = [name for name, _ in lora_linears(model, layers)]  # module paths: ...q_proj.lora_A.default
+    tracked = [name for name, _ in trained_linears(model, layers)]  # module paths: ...q_proj.lora_A.default
     task = _task(objective, lambda m: LogProbModel(m, pad_id), tracked)
     out_dir = work / uuid.uuid4().hex[:8]
     prepared = prepare_model(model, task)
