@@ -10,8 +10,6 @@ row's gradient from one forward and one backward of the batch — what a trainin
 because rows never interact (right padding, causal attention), so the gradient of the batch *sum*
 restricted to one row is that row's own gradient. The LoRA weights themselves are frozen during
 collection (only activations carry gradients), so autograd never builds the summed weight grads.
-A plain LoRA layer runs as one linear with its merged weight during collection, and one hook on it
-gives A's and B's rows (``merged_lora_layers``), which saves the adapter's extra kernels.
 
 Projection (``project_dim``) is Kronecker-structured per layer, LoGra style: ``P_out G P_inᵀ`` =
 ``Σ_t (P_out g_t)(P_in x_t)ᵀ``, i.e. the activations and output grads are projected *before* the
