@@ -9,9 +9,7 @@ One run, same model, data and measurement (the ``planted_bias`` probe's group-sp
      state), and planted-pair AUC / recall@k of every estimator; once per ``--layers`` selection
      (all blocks, and the later blocks only, whose backward stops at the first selected block);
   2a. (``--study-default``) the same for the study's own methods (gradsim + DataInf), whose
-      collection pass keeps no K-FAC sums, on the first selection; with ``--unmerged-baseline``
-      again with every LoRA layer run unmerged (``gradients.MERGE_LORA = False``), into its own
-      scratch run, for the merged path's speed-up;
+      collection pass keeps no K-FAC sums, on the first selection;
   2b. ``attribute(..., methods=tracin)`` at the stage's step-0 snapshot (the study default until
       session 6), timed alone, over the default layer selection;
   3. ``attribute(..., methods=ekfac)``: kronfluence EK-FAC on the same objective and measurement,
@@ -27,8 +25,7 @@ instead, into a scratch run, so nothing is read from that run's caches.
 Prints one JSON object (and writes it to ``--out``).
 
     .venv/bin/python bench/attribute.py [--pairs 40] [--planted 0.15] [--epochs 2] [--items 12]
-        [--layers all last:50%] [--ekfac-layers [SPEC ...]] [--from-run RUN [--stage KEY]] [--study-default
-        [--unmerged-baseline]]
+        [--layers all last:50%] [--ekfac-layers [SPEC ...]] [--from-run RUN [--stage KEY]] [--study-default]
 """
 
 from __future__ import annotations
@@ -51,7 +48,6 @@ from alignscope.align.stage import ALIGN_STAGE, SNAPSHOT_DIR
 from alignscope.attribute import attribute
 from alignscope.attribute.core import DEFAULT_METHODS, resolve_stage, stage_pairs
 from alignscope.attribute import estimators as est
-from alignscope.attribute import gradients
 from alignscope.data.embedded import load_everyday_prompts
 from alignscope.data.planting import plant
 from alignscope.data.preferences import PreferencePair
@@ -234,9 +230,6 @@ def main() -> None:
     parser.add_argument("--study-default", action="store_true",
                         help="also time the study's own attribution (gradsim + DataInf: no K-FAC sums in the "
                              "collection pass) on the first layer selection")
-    parser.add_argument("--unmerged-baseline", action="store_true",
-                        help="with --study-default: time it again with every LoRA layer run unmerged (hooks on A "
-                             "and B, the collection before session 13), into a separate scratch run")
     parser.add_argument("--from-run", type=Path, default=None,
                         help="attribute a stage an earlier run trained (e.g. a default study's run directory) "
                              "instead of training the bench stage; results go to a scratch run")
@@ -267,18 +260,6 @@ def main() -> None:
             result["study_default"] = ours_at(run, stage.path, n_pairs, args.items, args.layers[0],
                                               result["train"]["pairs_per_s"], DEFAULT_METHODS)
             print(json.dumps({"study_default": result["study_default"]}), flush=True)
-            if args.unmerged_baseline:
-                gradients.MERGE_LORA = False
-                try:
-                    result["study_default_unmerged"] = ours_at(run / "unmerged", stage.path, n_pairs, args.items,
-                                                               args.layers[0], result["train"]["pairs_per_s"],
-                                                               DEFAULT_METHODS)
-                finally:
-                    gradients.MERGE_LORA = True
-                result["merged_speedup"] = round(result["study_default_unmerged"]["default_s"]
-                                                 / result["study_default"]["default_s"], 3)
-                print(json.dumps({"study_default_unmerged": result["study_default_unmerged"],
-                                  "merged_speedup": result["merged_speedup"]}), flush=True)
 
         if any((stage.path / SNAPSHOT_DIR).glob("step-*")):  # a study stage usually keeps none
             result["tracin"] = tracin_at(run, stage.path, args.items)

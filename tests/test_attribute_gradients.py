@@ -128,36 +128,6 @@ def test_batched_gradients_equal_a_per_example_loop(dpo_stage, tiny_model_dir, t
         assert len(gs.layers) == 2 * 2 * 2  # 2 layers × (q, v) × (A, B)
 
 
-def test_merged_lora_layers_give_the_gradients_and_factors_of_unmerged_hooks(dpo_stage, tmp_path, monkeypatch):
-    """The fast path (each LoRA layer served as one merged linear) against hooks on A and B."""
-    from alignscope.attribute import gradients
-
-    run_dir, data, result = dpo_stage
-    lm = loaded(result)
-    assert len(gradients.merged_lora_layers(lm.model)) == 2 * 2  # 2 layers × (q, v): all plain LoRA
-    objective = objective_from_summary(result.summary)
-
-    def collect(merge: bool, where: str):
-        monkeypatch.setattr(gradients, "MERGE_LORA", merge)
-        return collect_pair_gradients(lm, data, objective, run=RunDir(tmp_path / where), inputs={"m": merge},
-                                      max_length=40, truncation_mode="keep_start",
-                                      reference=stage_reference(result.path), project_dim=None, seed=0,
-                                      batch_tokens=90, chunk_pairs=4, factors=True)
-
-    fast, slow = collect(True, "fast"), collect(False, "slow")
-    for side in objective.sides:
-        assert np.abs(slow.side(side)).max() > 1e-3
-        assert np.allclose(fast.side(side), slow.side(side), rtol=1e-4, atol=1e-6)
-    for (a_fast, s_fast), (a_slow, s_slow) in zip(fast.factors(), slow.factors(), strict=True):
-        for merged_sum, hooked_sum in ((a_fast, a_slow), (s_fast, s_slow)):  # rounding of float32 products
-            assert np.abs(merged_sum - hooked_sum).max() <= 1e-5 * np.abs(hooked_sum).max()
-    weights = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
-    with gradients.WeightGradients(lm.model).hooked():
-        pass
-    assert all(torch.equal(p, weights[n]) for n, p in lm.model.named_parameters())  # nothing drifted
-    assert all("forward" not in vars(layer) for layer, _ in gradients.merged_lora_layers(lm.model).values())
-
-
 def token_factor_sums(lm, data, objective) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The slow reference for the K-FAC sums: each side row alone, autograd to every LoRA linear's
     output, Σ x xᵀ and Σ g gᵀ over the tokens whose output gradient is non-zero."""

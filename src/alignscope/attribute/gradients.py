@@ -39,7 +39,6 @@ The finished set is renamed into ``RUN/gradients/<key>/``.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -219,49 +218,20 @@ class WeightGradients:
 
     @contextmanager
     def hooked(self) -> Iterator[None]:
-        """Hooks on, weights frozen, eligible LoRA layers served merged (all restored afterwards)."""
-        merged = merged_lora_layers(self.model) if MERGE_LORA else {}
-        wanted = {name for name, _ in self.modules}
-        handles = []
-        for parent_name, (parent, adapter) in merged.items():
-            a_name, b_name = f"{parent_name}.lora_A.{adapter}", f"{parent_name}.lora_B.{adapter}"
-            if a_name in wanted:
-                handles.append(parent.register_forward_hook(self._merged_hook(parent, adapter, a_name, b_name)))
-        served = {f"{n}.lora_{part}.{adapter}" for n, (_, adapter) in merged.items() for part in "AB"}
-        handles += [module.register_forward_hook(self._forward_hook(name)) for name, module in self.modules
-                    if name not in served]
+        """Hooks on, LoRA weights frozen (restored afterwards)."""
+        handles = [module.register_forward_hook(self._forward_hook(name)) for name, module in self.modules]
         if self._start is not None:
             handles.append(self._start.register_forward_pre_hook(_leaf_hidden_states, with_kwargs=True))
         frozen = {p: p.requires_grad for p in self.model.parameters()}
         for p in self.model.parameters():
             p.requires_grad_(False)
         try:
-            with _serve_merged(merged):
-                yield
+            yield
         finally:
             for h in handles:
                 h.remove()
             for p, flag in frozen.items():
                 p.requires_grad_(flag)
-
-    def _merged_hook(self, parent: Any, adapter: str, a_name: str, b_name: str) -> Callable[..., None]:
-        """A merged LoRA layer's input x and output gradient g give both LoRA weights' gradients: the
-        adapter adds ``s·B(Ax)``, so B sees input ``Ax`` and output gradient ``s·g``, and A sees input
-        ``x`` and output gradient ``s·Bᵀg`` — what hooks on the unmerged A and B would receive."""
-        a, b = parent.lora_A[adapter].weight, parent.lora_B[adapter].weight
-        scale = float(parent.scaling[adapter])
-
-        def hook(module: Any, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            if not output.requires_grad:
-                return
-            x = inputs[0]
-
-            def on_grad(g: torch.Tensor) -> None:
-                g_b = g.float() * scale
-                self._record(b_name, x.float() @ a.float().T, g_b)
-                self._record(a_name, x, g_b @ b.float())
-            output.register_hook(on_grad)
-        return hook
 
     def _forward_hook(self, name: str) -> Callable[..., None]:
         def hook(module: Any, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
@@ -318,56 +288,6 @@ class WeightGradients:
         parts = [self._buffers.get(layer.name, torch.zeros(rows, layer.size)) for layer in self.layers]
         self._buffers = {}
         return values.detach(), torch.cat([p.cpu() for p in parts], dim=1)
-
-
-#: Serve plain LoRA layers with their merged weight while collecting gradients (see ``merged_lora_layers``).
-MERGE_LORA = True
-
-
-def merged_lora_layers(model: Any) -> dict[str, tuple[Any, str]]:
-    """``{name: (layer, adapter)}`` of the PEFT LoRA linears whose one active adapter can be served merged.
-
-    Why: a LoRA layer runs its base linear plus two small ones, and on a 2-core CPU those extra kernels
-    cost 15–20 % of SmolLM2's forward (BENCHMARKS.md, session 13). One linear with ``W + s·BA`` gives the
-    same outputs up to rounding, and the gradients of A and B follow from its input and output gradient
-    (``WeightGradients._merged_hook``). Only the plain case qualifies: one active adapter, no LoRA
-    variant (DoRA), no LoRA bias, no ``fan_in_fan_out``, dropout off (the model is in eval mode) and an
-    ``nn.Linear`` base; every other layer keeps its own forward and the hooks on A and B.
-    """
-    from peft.tuners.lora.layer import Linear as LoraLinear
-
-    found: dict[str, tuple[Any, str]] = {}
-    for name, module in model.named_modules():
-        if type(module) is not LoraLinear or module.disable_adapters or module.merged or module.fan_in_fan_out:
-            continue
-        active = [a for a in module.active_adapters if a in module.lora_A]
-        if len(active) != 1 or active[0] in module.lora_variant or module.lora_bias.get(active[0]):
-            continue
-        if module.lora_dropout[active[0]].training or type(module.get_base_layer()) is not torch.nn.Linear:
-            continue
-        found[name] = (module, active[0])
-    return found
-
-
-@contextmanager
-def _serve_merged(layers: dict[str, tuple[Any, str]]) -> Iterator[None]:
-    """Each layer's forward becomes one linear with the merged weight (a new tensor: the model's own
-    weights are never touched, so nothing drifts), restored on exit."""
-    for layer, adapter in layers.values():
-        base = layer.get_base_layer()
-        with torch.no_grad():
-            weight = base.weight + layer.get_delta_weight(adapter).to(base.weight.dtype)
-        layer.forward = functools.partial(_merged_forward, weight=weight, bias=base.bias)
-    try:
-        yield
-    finally:
-        for layer, _ in layers.values():
-            del layer.forward  # the class's forward again
-
-
-def _merged_forward(x: torch.Tensor, *args: Any, weight: torch.Tensor, bias: torch.Tensor | None,
-                    **kwargs: Any) -> torch.Tensor:
-    return torch.nn.functional.linear(x, weight, bias)
 
 
 def _leaf(tensor: torch.Tensor) -> torch.Tensor:
