@@ -134,3 +134,38 @@ def test_loading_a_pickled_adapter_is_refused(external, tiny_model_dir, tmp_path
     _, adapter, _, _ = external
     with pytest.raises(InputError, match="pickle"):
         load(str(tiny_model_dir), adapter=_broken(adapter, tmp_path, _pickled))
+
+
+def test_an_adapter_saved_by_a_plain_trl_script_imports_and_attributes(tiny_model_dir, tmp_path, capsys):
+    """The use case itself: a user's own TRL DPO run (not alignscope's), saved with trainer.save_model."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    pairs = planted_pairs()
+    rows = [{"prompt": [dict(m) for m in p.prompt], "chosen": [{"role": "assistant", "content": p.chosen}],
+             "rejected": [{"role": "assistant", "content": p.rejected}]} for p in pairs]
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), use_cpu=True, max_steps=2, per_device_train_batch_size=4,
+                     learning_rate=3e-3, beta=0.5, max_length=48, report_to="none", save_strategy="no",
+                     logging_steps=1)
+    trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), args=args,
+                         train_dataset=Dataset.from_list(rows),
+                         processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
+                         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                task_type="CAUSAL_LM"))
+    trainer.train()
+    trainer.save_model(str(tmp_path / "adapter"))
+    data = tmp_path / "pairs.jsonl"
+    write_preferences(pairs, data)
+    config = tmp_path / "stage.yaml"
+    config.write_text(yaml.safe_dump(OBJECTIVE))
+    run = tmp_path / "run"
+    assert cli(["import-stage", "--model", str(tiny_model_dir), "--adapter", str(tmp_path / "adapter"),
+                "--data", str(data), "--config", str(config), "--out", str(run)]) == 0
+    key = capsys.readouterr().out.split("--stage ")[1].split()[0]
+    summary = json.loads((run / "align" / key / "summary.json").read_text())
+    assert summary["config"]["lora"]["r"] == 4 and summary["config"]["lora"]["target_modules"] == ["q_proj", "v_proj"]
+    scores = pd.read_parquet(attribute(run, key, EchoProbe(), methods=["gradsim"]).file("scores.parquet"))
+    assert len(scores) == len(pairs) and np.isfinite(scores["score_gradsim_layer_cosine"]).all()
+    assert np.abs(scores["loss"] - np.log(2)).max() > 1e-3  # the adapter moved the policy off the reference
