@@ -21,6 +21,7 @@ Stage ``k+1`` starts from stage ``k``'s result **merged** into plain weights (se
 from __future__ import annotations
 
 import difflib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -269,6 +270,11 @@ class StageConfig(BaseModel):
     @property
     def label(self) -> str:
         return self.name or self.method
+
+    def with_zero_loss(self, ids: Sequence[str]) -> StageConfig:
+        """This stage with ``ids`` in ``zero_loss_pairs`` (sorted), validated: what a zero-loss curation
+        retrains (the study's, and ``curate --zero-loss``'s YAML); raises ValueError where it is not exact."""
+        return StageConfig.model_validate({**self.model_dump(), "zero_loss_pairs": sorted(ids)})
 
 
 class RecipeConfig(BaseModel):

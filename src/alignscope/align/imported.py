@@ -119,12 +119,7 @@ def import_stage(model: str, adapter: str | Path, data: str | Path, out: str | P
     adapter = Path(adapter)
     lora = adapter_lora_settings(adapter)
     stage = imported_stage_config(method, None if config is None else Path(config), lora)
-    pairs = load_preferences(data)
-    ids = [str(p.id) for p in pairs]
-    if not pairs:
-        raise InputError(f"--data {data}: no preference pairs")
-    if len(set(ids)) != len(ids):
-        raise InputError(f"--data {data}: duplicate pair ids; ids must be unique")
+    pairs = load_preferences(data)  # refuses an empty file and duplicate ids itself
     import torch
 
     from alignscope.models.loading import resolve_device

@@ -578,7 +578,7 @@ def zero_loss_stage(stage: Any, dropped: Sequence[str]) -> Any:
     from alignscope.align.config import StageConfig
 
     try:
-        return StageConfig.model_validate({**stage.summary["config"], "zero_loss_pairs": sorted(dropped)})
+        return StageConfig(**stage.summary["config"]).with_zero_loss(dropped)
     except ValueError as exc:
         reason = exc.errors()[0]["msg"] if hasattr(exc, "errors") else str(exc)
         raise InputError(f"stage {stage.path}: {reason.removeprefix('Value error, ')}; retrain without the "

@@ -436,11 +436,7 @@ def _zeroed(stages: list[Any], dropped: Sequence[str]) -> list[Any]:
     """The recipe with the dropped pairs' loss zeroed in every stage that trains on the study's pairs
     (a stage with its own ``data:`` is left alone, as the drop leaves it alone). Validated again: the
     config checked that those stages support it, so this only fails on a bug."""
-    from alignscope.align.config import StageConfig
-
-    return [stage if stage.data is not None else
-            StageConfig.model_validate({**stage.model_dump(), "zero_loss_pairs": sorted(dropped)})
-            for stage in stages]
+    return [stage if stage.data is not None else stage.with_zero_loss(dropped) for stage in stages]
 
 
 def _report(out: Path) -> Path:
