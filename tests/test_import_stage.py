@@ -169,3 +169,121 @@ def test_an_adapter_saved_by_a_plain_trl_script_imports_and_attributes(tiny_mode
     scores = pd.read_parquet(attribute(run, key, EchoProbe(), methods=["gradsim"]).file("scores.parquet"))
     assert len(scores) == len(pairs) and np.isfinite(scores["score_gradsim_layer_cosine"]).all()
     assert np.abs(scores["loss"] - np.log(2)).max() > 1e-3  # the adapter moved the policy off the reference
+
+
+# --------------------------------------------------------------------------- fully fine-tuned checkpoints
+
+FULL = {**OBJECTIVE, "finetune": "full"}
+
+
+@pytest.fixture(scope="module")
+def external_full(tiny_model_dir, tmp_path_factory):
+    """A fully fine-tuned DPO stage trained by alignscope; its model/ directory stands in for a user's checkpoint."""
+    root = tmp_path_factory.mktemp("import-full")
+    cfg = StageConfig(**FULL, max_steps=3, per_device_train_batch_size=4, learning_rate=1e-3, save_steps=50)
+    native = train_stage(str(tiny_model_dir), cfg, planted_pairs(), root / "native")
+    checkpoint = root / "their-model"
+    shutil.copytree(native.path / "model", checkpoint)
+    data = root / "their-pairs.jsonl"
+    write_preferences(planted_pairs(), data)
+    config = root / "stage.yaml"
+    config.write_text(yaml.safe_dump(OBJECTIVE))
+    return native, checkpoint, data, config
+
+
+def test_an_imported_full_checkpoint_attributes_like_the_stage_that_trained_it(external_full, tiny_model_dir,
+                                                                                tmp_path, capsys):
+    """The reference is recomputed from the base model and stored in the stage: it equals TRL's own
+    cached reference, so losses and scores equal the native stage's."""
+    from alignscope.align import stage_reference
+
+    native, checkpoint, data, config = external_full
+    run = tmp_path / "run"
+    args = ["import-stage", "--model", str(tiny_model_dir), "--checkpoint", str(checkpoint), "--data", str(data),
+            "--config", str(config), "--out", str(run)]
+    assert cli(args) == 0
+    key = capsys.readouterr().out.split("--stage ")[1].split()[0]
+    stage_dir = run / "align" / key
+    summary = json.loads((stage_dir / "summary.json").read_text())
+    assert summary["finetune"] == "full" and summary["imported"]["checkpoint"] == str(checkpoint.resolve())
+    assert (stage_dir / "model" / "model.safetensors").is_file() and not (stage_dir / "adapter").exists()
+    ours = stage_reference(stage_dir).set_index("id")
+    trl = stage_reference(native.path).set_index("id").loc[ours.index]
+    assert np.allclose(ours["ref_chosen_logps"], trl["ref_chosen_logps"], atol=1e-4)
+    assert np.allclose(ours["ref_rejected_logps"], trl["ref_rejected_logps"], atol=1e-4)
+    for column in ("prompt_tokens", "chosen_tokens", "rejected_tokens", "truncated"):
+        assert (ours[column] == trl[column]).all(), column
+    assert cli(args) == 0 and f"--stage {key}" in capsys.readouterr().out  # the same import: a cache hit
+
+    a = pd.read_parquet(attribute(native.path.parents[1], native.path, EchoProbe(), methods=["gradsim"])
+                        .file("scores.parquet")).set_index("pair_id")
+    b = pd.read_parquet(attribute(run, key, EchoProbe(), methods=["gradsim"]).file("scores.parquet")
+                        ).set_index("pair_id").loc[a.index]
+    assert np.abs(a["loss"] - np.log(2)).max() > 1e-3  # training moved the policy off the reference
+    assert np.allclose(b["loss"], a["loss"], rtol=1e-5, atol=1e-5)
+    for column in ("score_gradsim_dot", "score_gradsim_layer_cosine", "score_margin"):
+        assert np.allclose(b[column], a[column], rtol=1e-4, atol=1e-7), column
+    assert (b["rank"] == a["rank"]).all()
+
+
+def _other_shape(tmp_path: Path, tiny_model_dir: Path) -> Path:
+    """The tiny model with a third block: same tokenizer, parameters the checkpoint does not have."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.num_hidden_layers = 3
+    out = tmp_path / "three-blocks"
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out
+
+
+def _full_case(case: str, checkpoint: Path, adapter_dir: Path, tmp_path: Path, tiny_model_dir: Path):
+    """(model, trained-weights flags, message) of one bad full-checkpoint import."""
+    copy = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, copy)
+    if case == "pickled":
+        (copy / "model.safetensors").rename(copy / "pytorch_model.bin")
+        return tiny_model_dir, ["--checkpoint", str(copy)], "pytorch_model.bin"
+    if case == "adapter as checkpoint":
+        return tiny_model_dir, ["--checkpoint", str(adapter_dir)], "holds a PEFT adapter; import it with --adapter"
+    if case == "both":
+        return tiny_model_dir, ["--checkpoint", str(copy), "--adapter", str(adapter_dir)], "exactly one of"
+    if case == "neither":
+        return tiny_model_dir, [], "exactly one of"
+    return _other_shape(tmp_path, tiny_model_dir), ["--checkpoint", str(copy)], "does not fit model"
+
+
+@pytest.mark.parametrize("case", ["pickled", "adapter as checkpoint", "both", "neither", "other base"])
+def test_bad_full_imports_are_one_line_and_write_nothing(external_full, external, tiny_model_dir, tmp_path, capsys,
+                                                         case):
+    _, checkpoint, data, config = external_full
+    model, flags, message = _full_case(case, checkpoint, external[1], tmp_path, tiny_model_dir)
+    out = tmp_path / "run"
+    assert cli(["import-stage", "--model", str(model), *flags, "--data", str(data), "--config", str(config),
+                "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    lines = _without_progress_bars(err)
+    assert len(lines) == 1 and lines[0].startswith("alignscope: error: ") and message in lines[0], err
+    assert "Traceback" not in err and not out.exists()
+
+
+def test_a_config_saying_lora_for_a_full_checkpoint_is_refused(external_full, tiny_model_dir, tmp_path):
+    from alignscope.align.imported import import_stage
+
+    _, checkpoint, data, _ = external_full
+    config = tmp_path / "stage.yaml"
+    config.write_text(yaml.safe_dump({**OBJECTIVE, "finetune": "lora"}))
+    with pytest.raises(InputError, match="finetune: lora, but --checkpoint"):
+        import_stage(str(tiny_model_dir), None, data, tmp_path / "run", config=config, checkpoint=checkpoint)
+
+
+def test_loading_a_model_whose_weights_are_only_a_pickle_is_refused(tiny_model_dir, tmp_path):
+    """`models.load` (audit --model, align --model) never unpickles a checkpoint's weights."""
+    from alignscope.models import load
+
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, copy)
+    (copy / "model.safetensors").rename(copy / "pytorch_model.bin")
+    with pytest.raises(InputError, match=r"weights are a pickle \(pytorch_model.bin\)"):
+        load(str(copy))

@@ -269,21 +269,25 @@ def study_cmd(
 @app.command("import-stage")
 def import_stage_cmd(
     out: OutOpt,
-    adapter: Annotated[Path, typer.Option(help="PEFT LoRA adapter directory trained outside alignscope "
-                                          "(adapter_config.json + adapter_model.safetensors).")],
     data: Annotated[str, typer.Option(help="The preference pairs it was trained on (.jsonl/.json/.csv/.parquet "
                                       "or a hub id).")],
+    adapter: Annotated[Optional[Path], typer.Option(help="PEFT LoRA adapter directory trained outside alignscope "
+                                                    "(adapter_config.json + adapter_model.safetensors).")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(
+        help="Instead of --adapter: a fully fine-tuned model directory (config.json + safetensors weights); "
+             "--model is then its starting point and DPO/KTO reference.")] = None,
     model: ModelOpt = "smollm2-135m",
     method: Annotated[Optional[str], typer.Option(
         help="How it was trained: sft, dpo, ipo, orpo, kto or simpo (optional when --config names it).")] = None,
     config: Annotated[Optional[Path], typer.Option(
         help="One-stage YAML with the training objective's settings (beta, loss_type, max_length, ...).")] = None,
 ) -> None:
-    """Make an adapter trained elsewhere (e.g. your own TRL script) a stage of RUN, for attribute and curate."""
+    """Make an adapter or fully fine-tuned model trained elsewhere (e.g. by your own TRL script) a stage of
+    RUN, for attribute and curate."""
     from alignscope.align.imported import import_stage
 
     with _no_empty_run_dir(out):
-        result = import_stage(model, adapter, data, out, method=method, config=config)
+        result = import_stage(model, adapter, data, out, method=method, config=config, checkpoint=checkpoint)
     typer.echo(f"imported -> {result.path}")
     typer.echo(f"attribute it with: alignscope attribute --run {out} --stage {result.key} --probe PROBE")
 

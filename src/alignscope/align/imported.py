@@ -13,6 +13,13 @@ reference is not cached: attribution recomputes it with the adapter disabled, wh
 reference for a PEFT model trained without a separate ``ref_model``. The objective's other settings
 (beta, loss_type, max_length, ...) come from the stage YAML the user passes and must match the
 training run; they cannot be checked from the adapter.
+
+A fully fine-tuned checkpoint (``--checkpoint``) becomes a ``finetune: full`` stage (``model/``).
+There is no adapter to disable, so the reference a DPO/IPO/KTO objective needs is computed here,
+once, from the base model (``--model``) on the checkpoint's own tokenisation of the pairs, and
+stored in the stage as ``ref_logps.parquet``: TRL's reference for a full fine-tune run without a
+separate ``ref_model`` is a frozen copy of the model it started from. The base model must have the
+checkpoint's architecture and parameter shapes (checked); both are in memory at once for a moment.
 """
 
 from __future__ import annotations
@@ -24,7 +31,8 @@ from typing import Any
 
 from alignscope.align.config import StageConfig, load_stage_config, parse_stages
 from alignscope.errors import InputError
-from alignscope.store import RunDir, atomic_write_json, versions
+from alignscope.align.reference import REFERENCE_FILE
+from alignscope.store import RunDir, atomic_write_json, atomic_write_parquet, versions
 
 #: Methods whose per-pair training objective attribution knows (RLOO's reward has none per pair).
 IMPORTABLE = ("sft", "dpo", "ipo", "orpo", "kto", "simpo")
@@ -66,8 +74,21 @@ def adapter_lora_settings(adapter: Path) -> dict[str, Any]:
     return settings
 
 
-def imported_stage_config(method: str | None, config: Path | None, lora: dict[str, Any]) -> StageConfig:
-    """The stage config that describes the external training run, with the adapter's LoRA settings."""
+def checkpoint_weights_check(checkpoint: Path) -> None:
+    """Refuse what is not a full transformers checkpoint with safetensors weights (before any loading)."""
+    from alignscope.models.loading import refuse_pickled_weights
+
+    if (checkpoint / "adapter_config.json").is_file():
+        raise InputError(f"--checkpoint {checkpoint}: holds a PEFT adapter; import it with --adapter")
+    if not (checkpoint / "config.json").is_file():
+        raise InputError(f"--checkpoint {checkpoint}: no config.json; pass the directory a fully fine-tuned model "
+                         "was saved to (model.save_pretrained(DIR) or trainer.save_model(DIR))")
+    refuse_pickled_weights(f"--checkpoint {checkpoint}", checkpoint)
+
+
+def imported_stage_config(method: str | None, config: Path | None, lora: dict[str, Any] | None) -> StageConfig:
+    """The stage config that describes the external training run: the adapter's LoRA settings, or
+    ``finetune: full`` for a checkpoint (``lora`` None)."""
     if config is not None:
         stages = load_stage_config(config)
         if len(stages) != 1:
@@ -83,8 +104,13 @@ def imported_stage_config(method: str | None, config: Path | None, lora: dict[st
     if stage.method not in IMPORTABLE:
         raise InputError(f"method {stage.method}: attribution has no per-pair objective for it; import one of "
                          + ", ".join(IMPORTABLE))
-    if stage.finetune != "lora":
-        raise InputError("finetune: full cannot be imported: attribution needs the LoRA adapter")
+    finetune = "lora" if lora is not None else "full"
+    if "finetune" in stage.model_fields_set and stage.finetune != finetune:
+        given_as = "--adapter (LoRA)" if lora is not None else "--checkpoint (a full model)"
+        raise InputError(f"--config {config}: finetune: {stage.finetune}, but {given_as} was given; make them agree")
+    if lora is None:  # validated again: some settings (e.g. tracin_snapshots) need LoRA
+        return parse_stages({**stage.model_dump(mode="json", exclude_unset=True), "finetune": "full"},
+                            str(config or "command line"))[0]
     given = stage.lora.model_dump(exclude_unset=True) if "lora" in stage.model_fields_set else {}
     clash = sorted(k for k, v in given.items() if k in lora and _normalised(v) != _normalised(lora[k]))
     if clash:
@@ -97,27 +123,38 @@ def _normalised(value: Any) -> Any:
     return sorted(value) if isinstance(value, list) else value
 
 
-def import_stage(model: str, adapter: str | Path, data: str | Path, out: str | Path, *, method: str | None = None,
-                 config: str | Path | None = None) -> Any:
-    """Write an externally trained LoRA adapter, its training pairs and objective as a stage of ``out``.
+def import_stage(model: str, adapter: str | Path | None, data: str | Path, out: str | Path, *,
+                 method: str | None = None, config: str | Path | None = None,
+                 checkpoint: str | Path | None = None) -> Any:
+    """Write an externally trained LoRA adapter (or fully fine-tuned checkpoint), its training pairs
+    and objective as a stage of ``out``.
 
     Args:
-        model: the base model the adapter was trained on (built-in name, local directory or hub id).
+        model: the base model it was trained from (built-in name, local directory or hub id); for a
+            checkpoint, also the DPO/KTO reference.
         adapter: the PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``).
         data: the preference pairs it was trained on, in any format ``load_preferences`` reads.
         out: run directory.
         method: the training method; optional when ``config`` names it.
         config: a one-stage YAML with the objective's settings (beta, loss_type, max_length, ...).
+        checkpoint: instead of ``adapter``, a fully fine-tuned model directory (safetensors weights).
 
     Returns:
-        The ``StageResult`` (a cache hit when the same adapter, data and config were imported before).
+        The ``StageResult`` (a cache hit when the same weights, data and config were imported before).
     """
     from alignscope.align.stage import ALIGN_STAGE, PAIRS_FILE, StageResult, _use_cpu, resolve_precision
     from alignscope.data.preferences import load_preferences, preferences_fingerprint, write_preferences
     from alignscope.models import load
 
-    adapter = Path(adapter)
-    lora = adapter_lora_settings(adapter)
+    if (adapter is None) == (checkpoint is None):
+        raise InputError("import-stage needs exactly one of --adapter (a LoRA adapter) and --checkpoint "
+                         "(a fully fine-tuned model)")
+    trained = Path(adapter if adapter is not None else checkpoint)  # type: ignore[arg-type]
+    if adapter is not None:
+        lora: dict[str, Any] | None = adapter_lora_settings(trained)
+    else:
+        checkpoint_weights_check(trained)
+        lora = None
     stage = imported_stage_config(method, None if config is None else Path(config), lora)
     pairs = load_preferences(data)  # refuses an empty file and duplicate ids itself
     import torch
@@ -127,41 +164,107 @@ def import_stage(model: str, adapter: str | Path, data: str | Path, out: str | P
     device = torch.device("cpu") if _use_cpu() else resolve_device("auto")
     weights, autocast = resolve_precision(stage, device)  # what `align` would train this stage in here
     spec = str(Path(model).resolve()) if Path(model).is_dir() else str(model)
-    lm = load(spec, adapter=adapter, dtype=weights, device=device)  # refuses an adapter that does not fit
+    if lora is not None:
+        lm = load(spec, adapter=trained, dtype=weights, device=device)  # refuses an adapter that does not fit
+        base, source = None, lm.source
+    else:
+        lm = load(str(trained.resolve()), dtype=weights, device=device)
+        base = load(spec, dtype=weights, device=device)  # the reference, and what the checkpoint must fit
+        source = base.source
     if not getattr(lm.tokenizer, "chat_template", None):
-        raise InputError(f"--model {model}: has no chat template, and attribution formats pairs as chat turns")
+        which = f"--model {model}" if lora is not None else f"--checkpoint {trained}"
+        raise InputError(f"{which}: has no chat template, and attribution formats pairs as chat turns")
     precision = {"weights": str(weights).removeprefix("torch."), "bf16_autocast": autocast}
     inputs = {"stage": ALIGN_STAGE, "imported": lm.fingerprint, "method": stage.method,
               "data": preferences_fingerprint(pairs), "config": stage.result_dict(), "precision": precision}
+    if base is not None:
+        inputs["reference"] = base.fingerprint
     run = RunDir(out)
     found = run.find(ALIGN_STAGE, inputs)
-    if found is None:
-        with run.build(ALIGN_STAGE, inputs) as scratch:
+    if found is not None:
+        return StageResult.from_dir(found.path, cached=True)
+    reference = None if base is None else base_reference(base, lm, trained, stage, pairs)
+    del base  # a full model's base is no longer needed: free it before writing the checkpoint
+    with run.build(ALIGN_STAGE, inputs) as scratch:
+        if lora is not None:
             (scratch / "adapter").mkdir()
             for name in ("adapter_config.json", WEIGHTS_FILE):
-                shutil.copyfile(adapter / name, scratch / "adapter" / name)
-            write_preferences(pairs, scratch / PAIRS_FILE)
-            atomic_write_json(scratch / "summary.json", _summary(stage, spec, lm, adapter, pairs, precision,
-                                                                 inputs["data"], versions()))
-        found = run.find(ALIGN_STAGE, inputs)
-        assert found is not None
-        return StageResult.from_dir(found.path, cached=False)
-    return StageResult.from_dir(found.path, cached=True)
+                shutil.copyfile(trained / name, scratch / "adapter" / name)
+        else:
+            lm.model.save_pretrained(scratch / "model")
+            lm.tokenizer.save_pretrained(scratch / "model")
+        write_preferences(pairs, scratch / PAIRS_FILE)
+        summary = _summary(stage, spec, source, lm, trained, pairs, precision, inputs["data"], versions())
+        if reference is not None:
+            atomic_write_parquet(scratch / REFERENCE_FILE, reference)
+            summary["reference"] = {"path": f"{ALIGN_STAGE}/{RunDir.key(inputs)}", "cache_hit": None,
+                                    "computed_by": "import-stage, from the base model (--model)"}
+        atomic_write_json(scratch / "summary.json", summary)
+    found = run.find(ALIGN_STAGE, inputs)
+    assert found is not None
+    return StageResult.from_dir(found.path, cached=False)
 
 
-def _summary(stage: StageConfig, spec: str, lm: Any, adapter: Path, pairs: list[Any], precision: dict[str, Any],
-             data_fp: str, versions: dict[str, Any]) -> dict[str, Any]:
+def base_reference(base: Any, policy: Any, checkpoint: Path, stage: StageConfig, pairs: list[Any]) -> Any:
+    """The reference table of a full fine-tune (None when its objective has none): the base model's
+    side log-probs of each pair, on the tokens attribution will score, in the reference cache's columns.
+
+    Refuses a base whose parameters differ in name or shape from the checkpoint's, since the
+    reference must be the model the checkpoint was trained from.
+    """
+    import numpy as np
+    import pandas as pd
+
+    from alignscope.attribute.gradients import side_logprobs
+    from alignscope.attribute.objective import LogProbModel, encode_pair, objective_from_summary
+
+    theirs = {name: tuple(t.shape) for name, t in policy.model.state_dict().items()}
+    ours = {name: tuple(t.shape) for name, t in base.model.state_dict().items()}
+    if theirs != ours:
+        name = sorted(set(theirs) ^ set(ours)) or sorted(k for k in theirs if theirs[k] != ours[k])
+        raise InputError(f"--checkpoint {checkpoint}: does not fit model {base.spec} (parameter {name[0]} differs); "
+                         "pass the --model it was fine-tuned from")
+    objective = objective_from_summary({"method": stage.method, "config": stage.model_dump(mode="json")})
+    if not objective.needs_reference:
+        return None
+    sides = ("chosen", "rejected")
+    rows: dict[str, list[Any]] = {side: [] for side in sides}
+    full: dict[str, list[int]] = {side: [] for side in sides}
+    for pair in pairs:
+        for side, row, whole in zip(sides, encode_pair(policy.tokenizer, pair, sides, stage.max_length,
+                                                       stage.truncation_mode),
+                                    encode_pair(policy.tokenizer, pair, sides, None), strict=True):
+            rows[side].append(row)
+            full[side].append(len(whole.ids))
+    logps = side_logprobs(LogProbModel(base.model, policy.tokenizer.pad_token_id or 0), rows, batch_tokens=4096)
+    limit = stage.max_length if stage.max_length is not None else float("inf")
+    return pd.DataFrame({
+        "id": [p.id for p in pairs],
+        "ref_chosen_logps": logps["chosen"], "ref_rejected_logps": logps["rejected"],
+        "prompt_tokens": [len(r.ids) - sum(r.mask) for r in rows["chosen"]],
+        "chosen_tokens": [sum(r.mask) for r in rows["chosen"]],
+        "rejected_tokens": [sum(r.mask) for r in rows["rejected"]],
+        "truncated": np.maximum(full["chosen"], full["rejected"]) > limit,
+    })
+
+
+def _summary(stage: StageConfig, spec: str, source: str, lm: Any, trained: Path, pairs: list[Any],
+             precision: dict[str, Any], data_fp: str, versions: dict[str, Any]) -> dict[str, Any]:
     """A stage summary with what an import knows; training figures it cannot know are null."""
+    kind = "adapter" if stage.finetune == "lora" else "checkpoint"
+    settings = "the LoRA settings are the adapter's own" if kind == "adapter" else \
+        "the DPO/KTO reference is the base model (--model)"
     return {
         "method": stage.method, "label": stage.name or f"{stage.method} (imported)",
         "steps": None, "epochs": None, "final_loss": None, "train_time_s": None, "setup_time_s": None,
         "pairs_per_s": None, "examples_per_s": None, "n_pairs": len(pairs), "n_examples": None,
         "max_length": stage.max_length, "resumed_from_step": None, "processes": None, "seed": stage.seed,
-        "start_model": spec, "start_model_in_run": None, "start_source": lm.source, "init_adapter": None,
+        "start_model": spec, "start_model_in_run": None, "start_source": source, "init_adapter": None,
         "base_fingerprint": None, "policy_fingerprint": lm.fingerprint, "data_fingerprint": data_fp,
-        "precision": precision, "finetune": "lora", "config": stage.model_dump(mode="json"), "reference": None,
-        "imported": {"adapter": str(adapter.resolve()),
+        "precision": precision, "finetune": stage.finetune, "config": stage.model_dump(mode="json"),
+        "reference": None,
+        "imported": {kind: str(trained.resolve()),
                      "note": "trained outside alignscope: steps, loss and times are unknown; the objective's "
-                             "settings are as given at import; the LoRA settings are the adapter's own"},
+                             f"settings are as given at import; {settings}"},
         "versions": versions,
     }

@@ -369,13 +369,19 @@ def _reference_columns(objective: Objective, pairs: Sequence[Any], reference: pd
 
 def reference_logprobs(lp: LogProbModel, rows: dict[str, list[Row]], batch_tokens: int) -> dict[str, np.ndarray]:
     """Side log-probs with the adapter disabled (the base = the DPO/KTO reference when no cache)."""
-    out: dict[str, np.ndarray] = {}
     model = lp.model
     if not hasattr(model, "disable_adapter"):  # the policy itself would stand in for the reference
         raise InputError("the stage has no reference log-prob cache, and a model without an adapter cannot "
                          "recompute one (the reference is the model before training); retrain the stage with "
                          "precompute_ref_log_probs: true")
-    with torch.no_grad(), model.disable_adapter():
+    with model.disable_adapter():
+        return side_logprobs(lp, rows, batch_tokens)
+
+
+def side_logprobs(lp: LogProbModel, rows: dict[str, list[Row]], batch_tokens: int) -> dict[str, np.ndarray]:
+    """Summed log-probs of each side's rows under ``lp``'s model as it is, without a graph."""
+    out: dict[str, np.ndarray] = {}
+    with torch.no_grad():
         for side, side_rows in rows.items():
             values = np.zeros(len(side_rows))
             for batch in token_batches([len(r.ids) for r in side_rows], batch_tokens, MAX_ROWS):

@@ -153,6 +153,7 @@ def load(
         from alignscope.guards import check_model_load
 
         check_model_load(spec, Path(source), torch_dtype.itemsize)
+        refuse_pickled_weights(spec, Path(source))
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -174,8 +175,8 @@ def load(
             "the weights with tokenizer.save_pretrained(DIR)"
         ) from exc
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=torch_dtype, trust_remote_code=trust_remote_code
+        model = AutoModelForCausalLM.from_pretrained(  # safetensors only: a user's file is never unpickled
+            source, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True
         )
     except (OSError, ValueError) as exc:
         raise InputError(f"model {spec}: cannot load weights: {_first_line(exc)}") from exc
@@ -186,6 +187,17 @@ def load(
         model = attach_adapter(model, adapter, spec)
     return LoadedModel(model=model, tokenizer=tokenizer, spec=spec,
                        adapter=str(adapter) if adapter else None, source=source if is_local else spec)
+
+
+def refuse_pickled_weights(spec: str, directory: Path) -> None:
+    """Refuse a checkpoint directory whose weights exist only as pickles (``pytorch_model*.bin``,
+    ``*.pt``/``*.pth``): loading one runs code from the file, so it is never loaded here."""
+    if any(directory.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for pattern in ("pytorch_model*.bin", "*.pt", "*.pth") for p in directory.glob(pattern))
+    if pickled:
+        raise InputError(f"model {spec}: its weights are a pickle ({pickled[0]}), which alignscope does not load; "
+                         "re-save them with model.save_pretrained(DIR, safe_serialization=True)")
 
 
 def prepare_tokenizer(tokenizer: Any) -> None:
