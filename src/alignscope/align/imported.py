@@ -216,7 +216,7 @@ def base_reference(base: Any, policy: Any, checkpoint: Path, stage: StageConfig,
     import pandas as pd
 
     from alignscope.attribute.gradients import side_logprobs
-    from alignscope.attribute.objective import LogProbModel, encode_pair, objective_from_summary
+    from alignscope.attribute.objective import LogProbModel, objective_from_summary
 
     theirs = {name: tuple(t.shape) for name, t in policy.model.state_dict().items()}
     ours = {name: tuple(t.shape) for name, t in base.model.state_dict().items()}
@@ -227,13 +227,14 @@ def base_reference(base: Any, policy: Any, checkpoint: Path, stage: StageConfig,
     objective = objective_from_summary({"method": stage.method, "config": stage.model_dump(mode="json")})
     if not objective.needs_reference:
         return None
-    sides = ("chosen", "rejected")
+    sides = objective.sides  # DPO, IPO and KTO: chosen and rejected
     rows: dict[str, list[Any]] = {side: [] for side in sides}
     full: dict[str, list[int]] = {side: [] for side in sides}
     for pair in pairs:
-        for side, row, whole in zip(sides, encode_pair(policy.tokenizer, pair, sides, stage.max_length,
-                                                       stage.truncation_mode),
-                                    encode_pair(policy.tokenizer, pair, sides, None), strict=True):
+        for side, row, whole in zip(sides, objective.encode(policy.tokenizer, pair, stage.max_length,
+                                                            stage.truncation_mode),
+                                    objective.encode(policy.tokenizer, pair, None, stage.truncation_mode),
+                                    strict=True):
             rows[side].append(row)
             full[side].append(len(whole.ids))
     logps = side_logprobs(LogProbModel(base.model, policy.tokenizer.pad_token_id or 0), rows, batch_tokens=4096)

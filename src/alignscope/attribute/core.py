@@ -434,7 +434,8 @@ def _outputs(result: _Result, stage: Any, objective: Any, pairs: list[Any], prob
     for name, value in result.scores.items():
         frame[f"score_{name}"] = _score_column(value)
     chosen_default = result.scores[default]
-    for side in ("chosen", "rejected"):
+    extra = [s for s in getattr(chosen_default, "sides", {}) if s not in ("chosen", "rejected")]  # ORPO's prompt
+    for side in ("chosen", "rejected", *extra):
         if isinstance(chosen_default, est.Scores) and side in chosen_default.sides:
             frame[f"{side}_{default}"] = chosen_default.sides[side][:, 0]
         else:

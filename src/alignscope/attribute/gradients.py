@@ -54,7 +54,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from alignscope.attribute.objective import LogProbModel, Objective, Row, encode_pair
+from alignscope.attribute.objective import LogProbModel, Objective, Row, token_counts
 from alignscope.errors import InputError
 from alignscope.models.hf_backend import token_batches
 from alignscope.store import RunDir, atomic_write_bytes, atomic_write_json, atomic_write_parquet
@@ -448,9 +448,9 @@ def collect_pair_gradients(lm: Any, pairs: Sequence[Any], objective: Objective, 
     grads = WeightGradients(model, project_dim, seed, factors=factors, layers=layers)
     rows = {side: [] for side in objective.sides}
     for pair in pairs:
-        for side, row in zip(objective.sides, encode_pair(lm.tokenizer, pair, objective.sides, max_length,
-                                                          truncation_mode)):
+        for side, row in zip(objective.sides, objective.encode(lm.tokenizer, pair, max_length, truncation_mode)):
             rows[side].append(row)
+    counts = token_counts(objective, rows)
     ref = _reference_columns(objective, pairs, reference)
     if objective.needs_reference and ref is None:
         ref = reference_logprobs(lp, rows, batch_tokens)
@@ -481,7 +481,7 @@ def collect_pair_gradients(lm: Any, pairs: Sequence[Any], objective: Objective, 
         if c % world != rank or marker.exists():
             continue
         s = {side: np.zeros(len(members)) for side in objective.sides}
-        n = {side: np.array([rows[side][i].n_scored for i in members], dtype=np.float64) for side in objective.sides}
+        n = {key: value[members] for key, value in counts.items()}
         side_rows = [rows[side][i] for side in objective.sides for i in members]
         local = [len(r.ids) for r in side_rows]
         for batch in token_batches(local, batch_tokens, MAX_ROWS):

@@ -2,7 +2,7 @@
 
 kronfluence (Grosse et al. 2023's implementation) needs a ``Task``: the summed training loss of a
 batch and the measurement of a query batch. Both are built from the same pieces as the rest of
-attribution — ``encode_pair`` + ``Objective.loss_fn`` for training pairs, the engine's tokenisation
+attribution — ``Objective.encode`` + ``Objective.loss_fn`` for training pairs, the engine's tokenisation
 for measurement requests — so its scores are comparable with ours. Tracked modules are the LoRA A
 and B linears. Two settings matter (checked against hand-computed gradients, see DESIGN.md):
 ``has_shared_parameters=True`` because a pair runs the model twice (chosen and rejected), and
@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from alignscope.attribute.objective import LogProbModel, Objective, Row, encode_pair
+from alignscope.attribute.objective import LogProbModel, Objective, Row, token_counts
 from alignscope.errors import InputError
 
 
@@ -85,7 +85,7 @@ def _task(objective: Objective, lp_factory: Any, tracked: list[str]) -> Any:
 
         def compute_train_loss(self, batch: Any, model: Any, sample: bool = False) -> torch.Tensor:
             s = self._side_values(batch, model)
-            n = {side: batch["n"][:, k] for k, side in enumerate(objective.sides)}
+            n = {side: batch["n"][:, k] for k, side in enumerate([*objective.sides, "mean_nll"])}
             ref = {side: batch["ref"][:, k].to(s[side].device) for k, side in enumerate(objective.sides)}
             return objective.loss_fn(s, n, ref).sum().float()
 
@@ -125,8 +125,8 @@ def kronfluence_scores(lm: Any, pairs: Sequence[Any], objective: Objective, requ
     pad_id = lm.tokenizer.pad_token_id or 0
     model = lm.model
     model.eval()
-    encoded = [encode_pair(lm.tokenizer, p, objective.sides, config.max_length, config.truncation_mode)
-               for p in pairs]
+    encoded = [objective.encode(lm.tokenizer, p, config.max_length, config.truncation_mode) for p in pairs]
+    counts = token_counts(objective, {side: [e[k] for e in encoded] for k, side in enumerate(objective.sides)})
     ref = np.zeros((len(pairs), len(objective.sides)))
     if objective.needs_reference:
         table = reference.set_index("id") if reference is not None else None
@@ -137,7 +137,8 @@ def kronfluence_scores(lm: Any, pairs: Sequence[Any], objective: Objective, requ
             rows = {side: [e[k] for e in encoded] for k, side in enumerate(objective.sides)}
             computed = reference_logprobs(LogProbModel(model, pad_id), rows, 4096)
             ref = np.stack([computed[s] for s in objective.sides], axis=1)
-    train = _Examples([{"rows": e, "ref": ref[i].tolist(), "n": [float(r.n_scored) for r in e]}
+    keys = [*objective.sides, "mean_nll"]  # the order compute_train_loss reads them back in
+    train = _Examples([{"rows": e, "ref": ref[i].tolist(), "n": [float(counts[key][i]) for key in keys]}
                        for i, e in enumerate(encoded)])
     query = _Examples([{"rows": [row], "weight": float(w)}
                        for row, w in zip(measurement_rows(lm, requests), weights)])

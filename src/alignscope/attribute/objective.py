@@ -15,9 +15,17 @@ divided out — the form that still ranks pairs the stage has already fitted.
 Tokenisation follows TRL's conversational path (``DPOTrainer._prepare_dataset`` / its collator,
 and SFT's prompt-completion path): prompt via the chat template with the generation prompt,
 prompt+reply via the chat template, the reply starts where the two diverge, sequences are cut to
-``max_length`` with the stage's ``truncation_mode``. ORPO and KTO use the same tokenisation (their
-trainers differ only in details such as ORPO's separate completion budget), and KTO's batch KL
-term, which TRL detaches, is taken as 0.
+``max_length`` with the stage's ``truncation_mode``. KTO uses the same tokenisation; its batch KL
+term, which TRL detaches, is taken as 0. ORPO and SimPO (TRL's ORPO and CPO trainers) tokenise
+prompt and reply the same way but append the EOS token to a reply that does not already end with
+it, before truncation (``Objective.reply_eos``).
+
+ORPO's NLL term (TRL 1.16) covers the whole chosen sequence, prompt included, and is a token mean
+over the batch, not a mean of per-sequence means. So ORPO has a third side, ``prompt`` (the chosen
+sequence's prompt tokens, scored), and a pair's share of the NLL is its summed NLL over prompt and
+chosen reply divided by the mean count of those tokens over the stage's pairs (``n["mean_nll"]``,
+see ``token_counts``). ``tests/test_attribute_objective.py`` checks every method against the loss
+TRL logs.
 """
 
 from __future__ import annotations
@@ -33,7 +41,8 @@ import torch.nn.functional as F
 from alignscope.errors import InputError
 from alignscope.models.hf_backend import common_prefix
 
-SUPPORTED_METHODS = ("sft", "dpo", "ipo", "orpo", "kto")
+SUPPORTED_METHODS = ("sft", "dpo", "ipo", "orpo", "simpo", "kto")
+PROMPT_SIDE = "prompt"  # ORPO's NLL also trains on the prompt tokens
 _DPO_LOSSES = ("sigmoid", "ipo", "hinge")
 _UNSUPPORTED_TRL_KEYS = ("ld_alpha", "f_divergence_type", "use_weighting", "rpo_alpha")
 
@@ -59,12 +68,16 @@ def _chat_ids(tokenizer: Any, messages: list[dict[str, str]], generation_prompt:
 
 
 def encode_pair(tokenizer: Any, pair: Any, sides: Sequence[str], max_length: int | None,
-                truncation_mode: str = "keep_start") -> list[Row]:
-    """The rows TRL trains on for one pair (one per side), tokenised exactly as TRL does."""
+                truncation_mode: str = "keep_start", reply_eos: bool = False) -> list[Row]:
+    """The rows TRL trains on for one pair (one per side), tokenised exactly as TRL does
+    (``reply_eos``: append the EOS token to a reply not ending with it, as TRL's ORPO/CPO do)."""
     prompt = [dict(m) for m in pair.prompt]
     prompt_ids = _chat_ids(tokenizer, prompt, True)
     fulls = [_chat_ids(tokenizer, prompt + [{"role": "assistant", "content": getattr(pair, s)}], False)
              for s in sides]
+    eos = tokenizer.eos_token_id
+    if reply_eos and eos is not None:
+        fulls = [f if f and f[-1] == eos else [*f, eos] for f in fulls]
     start = min(common_prefix(prompt_ids, f) for f in fulls)
     rows = []
     for full in fulls:
@@ -154,6 +167,18 @@ class Objective:
     loss_fn: Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]], torch.Tensor]
     margin_fn: Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]], torch.Tensor]
     description: str
+    reply_eos: bool = False  # the trainer appends EOS to each reply (TRL's ORPO and CPO)
+
+    def encode(self, tokenizer: Any, pair: Any, max_length: int | None, truncation_mode: str) -> list[Row]:
+        """The pair's rows, one per side, as this objective's trainer tokenises them (a ``prompt``
+        side: the chosen row's prompt tokens, each scored)."""
+        replies = [side for side in self.sides if side != PROMPT_SIDE]
+        rows = encode_pair(tokenizer, pair, replies, max_length, truncation_mode, self.reply_eos)
+        if PROMPT_SIDE in self.sides:
+            chosen = rows[0]
+            start = chosen.mask.index(1) if 1 in chosen.mask else len(chosen.ids)
+            rows.append(Row(chosen.ids[:start], (1,) * start))
+        return rows
 
     def coefficients(self, s: dict[str, torch.Tensor], n: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]
                      ) -> dict[str, dict[str, torch.Tensor]]:
@@ -231,10 +256,25 @@ def objective_from_summary(summary: dict[str, Any]) -> Objective:
             j = s["rejected"] / n["rejected"].clamp(min=1)
             return (c - j) - (_log1mexp(c) - _log1mexp(j))
 
-        def orpo(s: dict, n: dict, r: dict) -> torch.Tensor:
-            return -s["chosen"] / n["chosen"].clamp(min=1) - beta * F.logsigmoid(log_odds(s, n, r))
-        return Objective("orpo", ("chosen", "rejected"), False, beta, orpo, log_odds,
-                         f"ORPO: chosen NLL (token mean) − beta·log σ(log-odds ratio), beta={beta}")
+        def orpo(s: dict, n: dict, r: dict) -> torch.Tensor:  # NLL: prompt + chosen, batch token mean (module doc)
+            nll = -(s[PROMPT_SIDE] + s["chosen"]) / n["mean_nll"].clamp(min=1)
+            return nll - beta * F.logsigmoid(log_odds(s, n, r))
+        return Objective("orpo", ("chosen", "rejected", PROMPT_SIDE), False, beta, orpo, log_odds,
+                         f"ORPO: NLL of prompt and chosen reply (token mean over the batch) − beta·log σ(log-odds "
+                         f"ratio), beta={beta}", reply_eos=True)
+    if method == "simpo":
+        gamma, smoothing = stage.simpo_gamma, stage.label_smoothing
+
+        def simpo_margin(s: dict, n: dict, r: dict) -> torch.Tensor:  # CPO: per-token averaged log-probs
+            return beta * (s["chosen"] / n["chosen"].clamp(min=1) - s["rejected"] / n["rejected"].clamp(min=1)) \
+                - gamma
+
+        def simpo(s: dict, n: dict, r: dict) -> torch.Tensor:
+            m = simpo_margin(s, n, r)
+            return -(1 - smoothing) * F.logsigmoid(m) - smoothing * F.logsigmoid(-m)
+        return Objective("simpo", ("chosen", "rejected"), False, beta, simpo, simpo_margin,
+                         f"SimPO: −log σ(beta·Δ(mean token log-prob) − gamma), beta={beta}, gamma={gamma}, "
+                         f"label_smoothing={smoothing}", reply_eos=True)
     # kto
     kind = stage.resolved("loss_type")
     dw, uw = stage.desirable_weight, stage.undesirable_weight
@@ -246,3 +286,15 @@ def objective_from_summary(summary: dict[str, Any]) -> Objective:
     return Objective("kto", ("chosen", "rejected"), True, beta, kto,
                      lambda s, n, r: beta * ((s["chosen"] - r["chosen"]) - (s["rejected"] - r["rejected"])),
                      f"KTO ({kind}), beta={beta}, batch KL term taken as 0 (TRL detaches it)")
+
+
+def token_counts(objective: Objective, rows: dict[str, Sequence[Row]]) -> dict[str, Any]:
+    """The ``n`` the losses read, per pair: each side's scored-token count, and ``mean_nll``, the mean
+    over all the given pairs of the tokens an NLL term covers (prompt and chosen reply where there is
+    a prompt side; ORPO's batch token mean, module docstring)."""
+    import numpy as np
+
+    n = {side: np.array([r.n_scored for r in rows[side]], dtype=np.float64) for side in objective.sides}
+    nll = n["chosen"] + n.get(PROMPT_SIDE, 0.0)
+    n["mean_nll"] = np.full(len(nll), nll.mean() if len(nll) else 0.0)
+    return n
