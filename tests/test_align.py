@@ -308,6 +308,13 @@ def test_unknown_config_key_is_named(tmp_path):
         check_trl_passthrough(parse_stages({"method": "dpo", "trl": {"bogus_flag": 1}})[0])
     with pytest.raises(InputError, match="not a TRL DPO loss"):
         parse_stages({"method": "dpo", "loss_type": "sigmoidd"})
+    # TRL 1.16's sigmoid and IPO losses do not read label_smoothing: a setting that would do nothing is refused
+    with pytest.raises(InputError, match="ignores it for loss_type sigmoid \\(the default\\)"):
+        parse_stages({"method": "dpo", "label_smoothing": 0.1})
+    with pytest.raises(InputError, match="ignores it for loss_type ipo"):
+        parse_stages({"method": "ipo", "label_smoothing": 0.1})
+    assert parse_stages({"method": "dpo", "loss_type": "robust", "label_smoothing": 0.1})[0].label_smoothing == 0.1
+    assert parse_stages({"method": "simpo", "label_smoothing": 0.1})[0].label_smoothing == 0.1  # CPO reads it
     ok = parse_stages({"method": "dpo", "loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5],
                        "trl": {"ld_alpha": 0.5}})[0]
     assert ok.resolved("loss_type") == ["sigmoid", "sft"]

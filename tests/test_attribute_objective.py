@@ -25,9 +25,9 @@ from alignscope.store import RunDir
 N_PAIRS = 6
 CASES = {  # settings that change the formula are set away from their defaults where there is one
     "sft": dict(method="sft"),
-    "dpo": dict(method="dpo", beta=0.5, label_smoothing=0.2),
+    "dpo": dict(method="dpo", beta=0.5),
     "ipo": dict(method="ipo", beta=0.5),
-    "hinge": dict(method="dpo", beta=0.5, loss_type="hinge"),
+    "dpo-mixed": dict(method="dpo", beta=0.5, loss_type=["sigmoid", "hinge"], loss_weights=[0.7, 0.3]),
     "orpo": dict(method="orpo", beta=0.5),
     "simpo": dict(method="simpo", beta=2.0, simpo_gamma=0.7, label_smoothing=0.1),
     "kto": dict(method="kto", beta=0.5, loss_type="apo_zero_unpaired", desirable_weight=1.0,

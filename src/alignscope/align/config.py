@@ -39,6 +39,8 @@ DPO_LOSS_TYPES = (
     "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
 )
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
+#: DPO losses whose TRL 1.16 formula reads label_smoothing (``DPOTrainer._compute_loss``); sigmoid does not.
+SMOOTHED_DPO_LOSSES = ("robust", "exo_pair", "aot", "aot_unpaired")
 
 # Defaults that depend on the method (used when the field is left unset). Learning rates are for
 # LoRA; full fine-tuning divides them by 10. SimPO's beta/gamma follow the SimPO paper's small-model
@@ -213,6 +215,11 @@ class StageConfig(BaseModel):
                 raise ValueError(f"loss_type {bad[0]!r} is not a TRL DPO loss; choose from {', '.join(DPO_LOSS_TYPES)}")
             if self.method == "ipo" and losses and losses != ["ipo"]:
                 raise ValueError("method ipo fixes loss_type to 'ipo'; use method dpo to pick another loss")
+            smoothed = [x for x in losses if x in SMOOTHED_DPO_LOSSES]
+            if self.label_smoothing and not smoothed:
+                raise ValueError(f"label_smoothing {self.label_smoothing}: TRL's DPO trainer ignores it for loss_type "
+                                 f"{', '.join(losses) or ('ipo' if self.method == 'ipo' else 'sigmoid') + ' (the default)'}; it applies to "
+                                 f"{', '.join(SMOOTHED_DPO_LOSSES)} only (remove it, or pick one of those)")
         elif self.method == "kto":
             if len(losses) > 1 or (losses and losses[0] not in KTO_LOSS_TYPES):
                 raise ValueError(f"KTO loss_type must be one of {', '.join(KTO_LOSS_TYPES)}")
