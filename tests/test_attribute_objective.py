@@ -4,8 +4,8 @@ Each stage trains two steps on one batch holding every pair, with a TracIn snaps
 before each step. TRL logs each step's batch loss; attribution's per-pair losses at the snapshot
 taken before that step, combined the way the trainer averages them, must give the same number.
 This checks, per method, the tokenisation (e.g. ORPO and CPO append an EOS token to each reply),
-the reference, the loss formula (label smoothing, SimPO's margin, per-token averaging) and how the
-batch is normalised.
+the reference, the loss formula (label smoothing, SimPO's margin, per-token averaging, KTO's KL
+baseline) and how the batch is normalised.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ CASES = {  # settings that change the formula are set away from their defaults w
     "dpo-mixed": dict(method="dpo", beta=0.5, loss_type=["sigmoid", "hinge"], loss_weights=[0.7, 0.3]),
     "orpo": dict(method="orpo", beta=0.5),
     "simpo": dict(method="simpo", beta=2.0, simpo_gamma=0.7, label_smoothing=0.1),
-    "kto": dict(method="kto", beta=0.5, loss_type="apo_zero_unpaired", desirable_weight=1.0,
-                undesirable_weight=1.5),
+    "kto": dict(method="kto", beta=0.5, desirable_weight=1.0, undesirable_weight=0.1),  # with its KL baseline
+    "kto-apo": dict(method="kto", beta=0.5, loss_type="apo_zero_unpaired", desirable_weight=1.0,
+                    undesirable_weight=1.5),
 }
 
 
@@ -66,6 +67,8 @@ def test_the_attributed_loss_is_the_loss_trl_logs(tiny_model_dir, tmp_path, case
         assert ours == pytest.approx(logged[step + 1], abs=2e-4, rel=1e-4), (step, ours, logged)
         checked.append(ours)
     assert abs(checked[1] - checked[0]) > 1e-3  # the update moved the loss, so step 2 checks a trained policy
+    if case == "kto":  # the KL baseline was not 0 where it was checked, so it took part
+        assert gs.table["kl_baseline"].iloc[0] > 1e-4
 
 
 @pytest.mark.parametrize("case", ["orpo", "simpo"])

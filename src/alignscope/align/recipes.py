@@ -214,6 +214,15 @@ def _reply(text: str) -> list[dict[str, str]]:
     return [{"role": "assistant", "content": text}]
 
 
+def kto_row_order(n_pairs: int, seed: int) -> list[tuple[int, bool]]:
+    """(pair index, desirable) of each KTO row in the order the trainer sees them: every pair gives a
+    desirable (chosen) and an undesirable (rejected) row, shuffled with ``seed``. Attribution rebuilds
+    TRL's KL batches from it (``attribute.gradients.kto_kl``)."""
+    order = [(i, desirable) for i in range(n_pairs) for desirable in (True, False)]
+    random.Random(seed).shuffle(order)
+    return order
+
+
 def build_rows(method: str, pairs: Sequence[Any], seed: int,
                zero_loss: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """The rows TRL's trainer for ``method`` expects, built from preference pairs.
@@ -239,12 +248,9 @@ def build_rows(method: str, pairs: Sequence[Any], seed: int,
     if method == "sft":
         return [weighted({"prompt": _prompt(p), "completion": _reply(p.chosen)}, p) for p in pairs]
     if method == "kto":
-        rows = []
-        for p in pairs:
-            rows.append(weighted({"prompt": _prompt(p), "completion": _reply(p.chosen), "label": True}, p))
-            rows.append(weighted({"prompt": _prompt(p), "completion": _reply(p.rejected), "label": False}, p))
-        random.Random(seed).shuffle(rows)
-        return rows
+        return [weighted({"prompt": _prompt(pairs[i]), "completion": _reply(pairs[i].chosen if desirable
+                                                                             else pairs[i].rejected),
+                          "label": desirable}, pairs[i]) for i, desirable in kto_row_order(len(pairs), seed)]
     if method == "rloo":
         seen: set[str] = set()
         rows = []

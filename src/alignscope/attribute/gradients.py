@@ -54,7 +54,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from alignscope.attribute.objective import LogProbModel, Objective, Row, token_counts
+from alignscope.attribute.objective import KLBaseline, LogProbModel, Objective, Row, encode_pair, token_counts
 from alignscope.errors import InputError
 from alignscope.models.hf_backend import token_batches
 from alignscope.store import RunDir, atomic_write_bytes, atomic_write_json, atomic_write_parquet
@@ -390,6 +390,53 @@ def side_logprobs(lp: LogProbModel, rows: dict[str, list[Row]], batch_tokens: in
     return out
 
 
+def loss_inputs(objective: Objective, lp: LogProbModel, tokenizer: Any, pairs: Sequence[Any],
+                rows: dict[str, list[Row]], max_length: int | None, batch_tokens: int) -> dict[str, np.ndarray]:
+    """Per pair, the ``n`` the objective's loss reads: token counts (``token_counts``) and, for KTO's
+    ``kto`` loss, its KL baseline at the model's current weights (``kto_kl``)."""
+    n = token_counts(objective, rows)
+    if objective.kl_baseline is not None:
+        n["kl"] = np.full(len(pairs), kto_kl(lp, tokenizer, pairs, objective.kl_baseline, max_length, batch_tokens))
+    return n
+
+
+def kto_kl(lp: LogProbModel, tokenizer: Any, pairs: Sequence[Any], baseline: KLBaseline, max_length: int | None,
+           batch_tokens: int = 4096) -> float:
+    """KTO's KL baseline as TRL 1.16 estimates it, at ``lp``'s weights, averaged over its batches.
+
+    TRL's rows come in ``kto_row_order``; rows whose prompt fills ``max_length`` are dropped; each
+    batch of ``batch_size`` rows pairs row j's prompt with row j−1's reply (the first with the last),
+    cut to ``max_length``. A batch's estimate is the mean of (policy − reference) log-probs of those
+    replies, at least 0. TRL uses each batch's own at every step; attribution takes their mean.
+    """
+    from alignscope.align.recipes import kto_row_order
+
+    if not hasattr(lp.model, "disable_adapter"):
+        raise InputError("KTO's kto loss subtracts a KL baseline computed against the reference model, which a "
+                         "fully fine-tuned stage does not keep; attribute a LoRA stage, or train with loss_type "
+                         "apo_zero_unpaired (no KL term)")
+    parts = []
+    for i, desirable in kto_row_order(len(pairs), baseline.seed):
+        row = encode_pair(tokenizer, pairs[i], ["chosen" if desirable else "rejected"], None)[0]
+        start = row.mask.index(1) if 1 in row.mask else len(row.ids)
+        if max_length is None or start < max_length:
+            parts.append((row.ids[:start], row.ids[start:]))
+    batches = [parts[b:b + baseline.batch_size] for b in range(0, len(parts), baseline.batch_size)]
+    mismatched = []
+    for batch in batches:
+        replies = [batch[-1][1]] + [reply for _, reply in batch[:-1]]
+        for (prompt, _), reply in zip(batch, replies, strict=True):
+            ids, mask = (prompt + reply)[:max_length], ((0,) * len(prompt) + (1,) * len(reply))[:max_length]
+            mismatched.append(Row(tuple(ids), tuple(mask)))
+    policy = side_logprobs(lp, {"kl": mismatched}, batch_tokens)["kl"]
+    reference = reference_logprobs(lp, {"kl": mismatched}, batch_tokens)["kl"]
+    gaps, at = [], 0
+    for batch in batches:
+        gaps.append(max(float(np.mean(policy[at:at + len(batch)] - reference[at:at + len(batch)])), 0.0))
+        at += len(batch)
+    return float(np.mean(gaps)) if gaps else 0.0
+
+
 def _chunk_coefficients(objective: Objective, ids: list[str], s: dict[str, np.ndarray], n: dict[str, np.ndarray],
                         ref: dict[str, np.ndarray]) -> pd.DataFrame:
     t = {k: torch.tensor(v, dtype=torch.float64) for k, v in s.items()}
@@ -403,6 +450,8 @@ def _chunk_coefficients(objective: Objective, ids: list[str], s: dict[str, np.nd
         frame[f"ref_{side}"] = ref[side]
         frame[f"loss_coef_{side}"] = coef["loss"][side].numpy()
         frame[f"margin_coef_{side}"] = coef["margin"][side].numpy()
+    if "kl" in n:  # KTO's KL baseline, the same for every pair
+        frame["kl_baseline"] = n["kl"]
     frame["loss"] = coef["loss"]["value"].numpy()
     frame["margin"] = coef["margin"]["value"].numpy()
     return pd.DataFrame(frame)
@@ -450,7 +499,7 @@ def collect_pair_gradients(lm: Any, pairs: Sequence[Any], objective: Objective, 
     for pair in pairs:
         for side, row in zip(objective.sides, objective.encode(lm.tokenizer, pair, max_length, truncation_mode)):
             rows[side].append(row)
-    counts = token_counts(objective, rows)
+    counts = loss_inputs(objective, lp, lm.tokenizer, pairs, rows, max_length, batch_tokens)
     ref = _reference_columns(objective, pairs, reference)
     if objective.needs_reference and ref is None:
         ref = reference_logprobs(lp, rows, batch_tokens)

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from alignscope.attribute.objective import LogProbModel, Objective, Row, token_counts
+from alignscope.attribute.objective import LogProbModel, Objective, Row
 from alignscope.errors import InputError
 
 
@@ -69,7 +69,7 @@ def _collate(pad_id: int) -> Any:
     return collate
 
 
-def _task(objective: Objective, lp_factory: Any, tracked: list[str]) -> Any:
+def _task(objective: Objective, lp_factory: Any, tracked: list[str], n_keys: list[str]) -> Any:
     from kronfluence.task import Task
 
     class PairTask(Task):
@@ -85,7 +85,7 @@ def _task(objective: Objective, lp_factory: Any, tracked: list[str]) -> Any:
 
         def compute_train_loss(self, batch: Any, model: Any, sample: bool = False) -> torch.Tensor:
             s = self._side_values(batch, model)
-            n = {side: batch["n"][:, k] for k, side in enumerate([*objective.sides, "mean_nll"])}
+            n = {key: batch["n"][:, k] for k, key in enumerate(n_keys)}
             ref = {side: batch["ref"][:, k].to(s[side].device) for k, side in enumerate(objective.sides)}
             return objective.loss_fn(s, n, ref).sum().float()
 
@@ -120,13 +120,14 @@ def kronfluence_scores(lm: Any, pairs: Sequence[Any], objective: Objective, requ
     except ImportError as exc:
         raise InputError("--method ekfac/kfac needs kronfluence: pip install --no-deps kronfluence==1.0.1 einops "
                          "einconv opt_einsum") from exc
-    from alignscope.attribute.gradients import trained_linears, measurement_rows, reference_logprobs
+    from alignscope.attribute.gradients import loss_inputs, measurement_rows, reference_logprobs, trained_linears
 
     pad_id = lm.tokenizer.pad_token_id or 0
     model = lm.model
     model.eval()
     encoded = [objective.encode(lm.tokenizer, p, config.max_length, config.truncation_mode) for p in pairs]
-    counts = token_counts(objective, {side: [e[k] for e in encoded] for k, side in enumerate(objective.sides)})
+    rows = {side: [e[k] for e in encoded] for k, side in enumerate(objective.sides)}
+    counts = loss_inputs(objective, LogProbModel(model, pad_id), lm.tokenizer, pairs, rows, config.max_length, 4096)
     ref = np.zeros((len(pairs), len(objective.sides)))
     if objective.needs_reference:
         table = reference.set_index("id") if reference is not None else None
@@ -134,16 +135,15 @@ def kronfluence_scores(lm: Any, pairs: Sequence[Any], objective: Objective, requ
             ref[:, 0] = table.loc[[p.id for p in pairs], "ref_chosen_logps"].to_numpy()
             ref[:, 1] = table.loc[[p.id for p in pairs], "ref_rejected_logps"].to_numpy()
         else:
-            rows = {side: [e[k] for e in encoded] for k, side in enumerate(objective.sides)}
             computed = reference_logprobs(LogProbModel(model, pad_id), rows, 4096)
             ref = np.stack([computed[s] for s in objective.sides], axis=1)
-    keys = [*objective.sides, "mean_nll"]  # the order compute_train_loss reads them back in
+    keys = list(counts)  # the sides' counts first, then extras; compute_train_loss reads them back in this order
     train = _Examples([{"rows": e, "ref": ref[i].tolist(), "n": [float(counts[key][i]) for key in keys]}
                        for i, e in enumerate(encoded)])
     query = _Examples([{"rows": [row], "weight": float(w)}
                        for row, w in zip(measurement_rows(lm, requests), weights)])
     tracked = [name for name, _ in trained_linears(model, layers)]  # module paths: ...q_proj.lora_A.default
-    task = _task(objective, lambda m: LogProbModel(m, pad_id), tracked)
+    task = _task(objective, lambda m: LogProbModel(m, pad_id), tracked, keys)
     out_dir = work / uuid.uuid4().hex[:8]
     prepared = prepare_model(model, task)
     try:

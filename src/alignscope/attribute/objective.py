@@ -15,8 +15,11 @@ divided out — the form that still ranks pairs the stage has already fitted.
 Tokenisation follows TRL's conversational path (``DPOTrainer._prepare_dataset`` / its collator,
 and SFT's prompt-completion path): prompt via the chat template with the generation prompt,
 prompt+reply via the chat template, the reply starts where the two diverge, sequences are cut to
-``max_length`` with the stage's ``truncation_mode``. KTO uses the same tokenisation; its batch KL
-term, which TRL detaches, is taken as 0. ORPO and SimPO (TRL's ORPO and CPO trainers) tokenise
+``max_length`` with the stage's ``truncation_mode``. KTO uses the same tokenisation. Its ``kto``
+loss subtracts a KL baseline that TRL estimates per batch, from each row's prompt paired with
+another row's reply, and detaches: here it is the same estimate at the attributed weights, over
+TRL's own batches (``KLBaseline``; ``gradients.kto_kl``), averaged over them, a constant
+``n["kl"]``. ORPO and SimPO (TRL's ORPO and CPO trainers) tokenise
 prompt and reply the same way but append the EOS token to a reply that does not already end with
 it, before truncation (``Objective.reply_eos``).
 
@@ -153,6 +156,15 @@ class LogProbModel:
 
 
 @dataclass(frozen=True)
+class KLBaseline:
+    """What rebuilds TRL's KTO KL batches: the row order (``align.recipes.kto_row_order`` with
+    ``seed``) and ``batch_size`` rows per batch, each row's prompt paired with the previous row's reply."""
+
+    seed: int
+    batch_size: int
+
+
+@dataclass(frozen=True)
 class Objective:
     """A stage's per-pair loss and margin as functions of side log-probs.
 
@@ -168,6 +180,7 @@ class Objective:
     margin_fn: Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]], torch.Tensor]
     description: str
     reply_eos: bool = False  # the trainer appends EOS to each reply (TRL's ORPO and CPO)
+    kl_baseline: KLBaseline | None = None  # KTO's ``kto`` loss: how TRL forms its KL batches
 
     def encode(self, tokenizer: Any, pair: Any, max_length: int | None, truncation_mode: str) -> list[Row]:
         """The pair's rows, one per side, as this objective's trainer tokenises them (a ``prompt``
@@ -281,11 +294,15 @@ def objective_from_summary(summary: dict[str, Any]) -> Objective:
 
     def kto(s: dict, n: dict, r: dict) -> torch.Tensor:
         lc, lr = s["chosen"] - r["chosen"], s["rejected"] - r["rejected"]
-        rejected = 1 - torch.sigmoid(-beta * lr) if kind == "kto" else torch.sigmoid(beta * lr)
-        return dw * (1 - torch.sigmoid(beta * lc)) + uw * rejected
+        if kind == "apo_zero_unpaired":
+            return dw * (1 - torch.sigmoid(beta * lc)) + uw * torch.sigmoid(beta * lr)
+        kl = n["kl"]  # TRL's detached batch estimate: a constant here too
+        return dw * (1 - torch.sigmoid(beta * (lc - kl))) + uw * (1 - torch.sigmoid(beta * (kl - lr)))
+    baseline = KLBaseline(stage.seed, stage.per_device_train_batch_size) if kind == "kto" else None
+    about_kl = ", KL baseline: TRL's batch estimate at the attributed weights" if baseline else ""
     return Objective("kto", ("chosen", "rejected"), True, beta, kto,
                      lambda s, n, r: beta * ((s["chosen"] - r["chosen"]) - (s["rejected"] - r["rejected"])),
-                     f"KTO ({kind}), beta={beta}, batch KL term taken as 0 (TRL detaches it)")
+                     f"KTO ({kind}), beta={beta}{about_kl}", kl_baseline=baseline)
 
 
 def token_counts(objective: Objective, rows: dict[str, Sequence[Row]]) -> dict[str, Any]:
