@@ -29,20 +29,25 @@ def cli(args: list[str]) -> int:
     return int(exit_info.value.code or 0)
 
 
-@pytest.fixture(scope="module")
-def external(tiny_model_dir, tmp_path_factory):
-    """A DPO stage trained by alignscope, whose adapter, data and settings stand in for an external run."""
-    root = tmp_path_factory.mktemp("import")
-    cfg = StageConfig(**OBJECTIVE, max_steps=3, per_device_train_batch_size=4, learning_rate=3e-3, save_steps=50,
-                      lora={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "up_proj"]})
+def _trained_elsewhere(tiny_model_dir: Path, root: Path, cfg: StageConfig, weights: str):
+    """A stage trained by alignscope whose ``weights`` directory (adapter/ or model/), data and settings
+    stand in for an external run: (stage, copied weights, data file, one-stage YAML)."""
     native = train_stage(str(tiny_model_dir), cfg, planted_pairs(), root / "native")
-    adapter = root / "their-adapter"
-    shutil.copytree(native.path / "adapter", adapter)
+    copied = root / f"their-{weights}"
+    shutil.copytree(native.path / weights, copied)
     data = root / "their-pairs.jsonl"
     write_preferences(planted_pairs(), data)
     config = root / "stage.yaml"
     config.write_text(yaml.safe_dump(OBJECTIVE))
-    return native, adapter, data, config
+    return native, copied, data, config
+
+
+@pytest.fixture(scope="module")
+def external(tiny_model_dir, tmp_path_factory):
+    """A DPO LoRA stage standing in for an external run."""
+    cfg = StageConfig(**OBJECTIVE, max_steps=3, per_device_train_batch_size=4, learning_rate=3e-3, save_steps=50,
+                      lora={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "up_proj"]})
+    return _trained_elsewhere(tiny_model_dir, tmp_path_factory.mktemp("import"), cfg, "adapter")
 
 
 def test_an_imported_adapter_attributes_exactly_like_the_stage_that_trained_it(external, tiny_model_dir, tmp_path,
@@ -178,17 +183,9 @@ FULL = {**OBJECTIVE, "finetune": "full"}
 
 @pytest.fixture(scope="module")
 def external_full(tiny_model_dir, tmp_path_factory):
-    """A fully fine-tuned DPO stage trained by alignscope; its model/ directory stands in for a user's checkpoint."""
-    root = tmp_path_factory.mktemp("import-full")
+    """A fully fine-tuned DPO stage; its model/ directory stands in for a user's checkpoint."""
     cfg = StageConfig(**FULL, max_steps=3, per_device_train_batch_size=4, learning_rate=1e-3, save_steps=50)
-    native = train_stage(str(tiny_model_dir), cfg, planted_pairs(), root / "native")
-    checkpoint = root / "their-model"
-    shutil.copytree(native.path / "model", checkpoint)
-    data = root / "their-pairs.jsonl"
-    write_preferences(planted_pairs(), data)
-    config = root / "stage.yaml"
-    config.write_text(yaml.safe_dump(OBJECTIVE))
-    return native, checkpoint, data, config
+    return _trained_elsewhere(tiny_model_dir, tmp_path_factory.mktemp("import-full"), cfg, "model")
 
 
 def test_an_imported_full_checkpoint_attributes_like_the_stage_that_trained_it(external_full, tiny_model_dir,

@@ -217,9 +217,10 @@ class StageConfig(BaseModel):
                 raise ValueError("method ipo fixes loss_type to 'ipo'; use method dpo to pick another loss")
             smoothed = [x for x in losses if x in SMOOTHED_DPO_LOSSES]
             if self.label_smoothing and not smoothed:
+                named = ", ".join(losses) or ("ipo" if self.method == "ipo" else "sigmoid") + " (the default)"
                 raise ValueError(f"label_smoothing {self.label_smoothing}: TRL's DPO trainer ignores it for loss_type "
-                                 f"{', '.join(losses) or ('ipo' if self.method == 'ipo' else 'sigmoid') + ' (the default)'}; it applies to "
-                                 f"{', '.join(SMOOTHED_DPO_LOSSES)} only (remove it, or pick one of those)")
+                                 f"{named}; it applies to {', '.join(SMOOTHED_DPO_LOSSES)} only (remove it, or pick "
+                                 "one of those)")
         elif self.method == "kto":
             if len(losses) > 1 or (losses and losses[0] not in KTO_LOSS_TYPES):
                 raise ValueError(f"KTO loss_type must be one of {', '.join(KTO_LOSS_TYPES)}")

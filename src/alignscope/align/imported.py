@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from alignscope.align.config import StageConfig, load_stage_config, parse_stages
-from alignscope.errors import InputError
 from alignscope.align.reference import REFERENCE_FILE
+from alignscope.errors import InputError
 from alignscope.store import RunDir, atomic_write_json, atomic_write_parquet, versions
 
 #: Methods whose per-pair training objective attribution knows (RLOO's reward has none per pair).

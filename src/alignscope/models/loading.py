@@ -153,7 +153,7 @@ def load(
         from alignscope.guards import check_model_load
 
         check_model_load(spec, Path(source), torch_dtype.itemsize)
-        refuse_pickled_weights(spec, Path(source))
+        refuse_pickled_weights(f"model {spec}", Path(source))
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -189,14 +189,15 @@ def load(
                        adapter=str(adapter) if adapter else None, source=source if is_local else spec)
 
 
-def refuse_pickled_weights(spec: str, directory: Path) -> None:
+def refuse_pickled_weights(what: str, directory: Path) -> None:
     """Refuse a checkpoint directory whose weights exist only as pickles (``pytorch_model*.bin``,
-    ``*.pt``/``*.pth``): loading one runs code from the file, so it is never loaded here."""
+    ``*.pt``/``*.pth``): loading one runs code from the file, so it is never loaded here. ``what``
+    names the directory in the message (e.g. ``model DIR``)."""
     if any(directory.glob("*.safetensors")):
         return
     pickled = sorted(p.name for pattern in ("pytorch_model*.bin", "*.pt", "*.pth") for p in directory.glob(pattern))
     if pickled:
-        raise InputError(f"model {spec}: its weights are a pickle ({pickled[0]}), which alignscope does not load; "
+        raise InputError(f"{what}: its weights are a pickle ({pickled[0]}), which alignscope does not load; "
                          "re-save them with model.save_pretrained(DIR, safe_serialization=True)")
 
 
