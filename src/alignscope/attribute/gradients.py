@@ -616,18 +616,29 @@ def measurement_gradients(lm: Any, grads: WeightGradients, requests: Sequence[An
     Why: attribution only needs ∇f, and a measurement can have thousands of requests (the covert
     matched-guise probe scores every adjective after every template for both guises: 5,328 requests
     for 8 text pairs), whose rows would take requests × LoRA dims × 4 bytes (52 GB on the default stage).
+    Under ``accelerate launch`` the summed form's batches are dealt to the processes, like the pairs'
+    chunks, and every process gets the total.
     """
+    from alignscope.models.engine import _distributed_state
+
     lm.model.eval()
     lp = LogProbModel(lm.model, lm.tokenizer.pad_token_id or 0)
     rows = measurement_rows(lm, requests)
     logps = np.zeros(len(rows))
     out = np.zeros(grads.dim) if summed else np.zeros((len(rows), grads.dim), dtype=np.float32)
     w = np.asarray(weights, dtype=np.float64)
-    for batch in token_batches([len(r.ids) for r in rows], batch_tokens, MAX_ROWS):
+    batches = list(token_batches([len(r.ids) for r in rows], batch_tokens, MAX_ROWS))
+    state = _distributed_state() if summed else None  # ∇f is a sum: processes can share its batches
+    for batch in batches if state is None else batches[state.process_index::state.num_processes]:
         values, g = grads.per_row(lambda hook, b=batch: lp([rows[j] for j in b], input_hook=hook))
         logps[batch] = values.double().cpu().numpy()
         if summed:
             out += w[batch] @ g.numpy().astype(np.float64)
         else:
             out[batch] = g.numpy() * w[batch, None]
+    if state is not None:  # every process gets the whole sum (each left the others' rows at 0)
+        from accelerate.utils import gather_object
+
+        parts = gather_object([(logps, out)])
+        logps, out = sum(p[0] for p in parts), sum(p[1] for p in parts)
     return logps, out
