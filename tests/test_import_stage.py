@@ -284,3 +284,104 @@ def test_loading_a_model_whose_weights_are_only_a_pickle_is_refused(tiny_model_d
     (copy / "model.safetensors").rename(copy / "pytorch_model.bin")
     with pytest.raises(InputError, match=r"weights are a pickle \(pytorch_model.bin\)"):
         load(str(copy))
+
+
+# --------------------------------------------------------------------------- TracIn snapshots from TRL checkpoints
+
+
+def test_trl_checkpoints_become_tracin_snapshots(tiny_model_dir, tmp_path, capsys):
+    """A TRL run's checkpoint-<k> directories, passed with --snapshot, give TracIn its adapters and the
+    learning rate each next update used (read from trainer_state.json)."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    from alignscope.store import file_hash
+
+    pairs = planted_pairs()
+    rows = [{"prompt": [dict(m) for m in p.prompt], "chosen": [{"role": "assistant", "content": p.chosen}],
+             "rejected": [{"role": "assistant", "content": p.rejected}]} for p in pairs]
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), use_cpu=True, max_steps=2, per_device_train_batch_size=4,
+                     learning_rate=3e-3, beta=0.5, max_length=48, report_to="none", save_strategy="steps",
+                     save_steps=1, logging_steps=1, lr_scheduler_type="linear")
+    trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), args=args,
+                         train_dataset=Dataset.from_list(rows),
+                         processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
+                         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                task_type="CAUSAL_LM"))
+    trainer.train()
+    trainer.save_model(str(tmp_path / "adapter"))
+    data = tmp_path / "pairs.jsonl"
+    write_preferences(pairs, data)
+    config = tmp_path / "stage.yaml"
+    config.write_text(yaml.safe_dump(OBJECTIVE))
+    run = tmp_path / "run"
+    checkpoints = [tmp_path / "trl" / f"checkpoint-{k}" for k in (2, 1)]  # any order
+    assert cli(["import-stage", "--model", str(tiny_model_dir), "--adapter", str(tmp_path / "adapter"),
+                "--data", str(data), "--config", str(config), "--out", str(run),
+                *[arg for c in checkpoints for arg in ("--snapshot", str(c))]]) == 0
+    key = capsys.readouterr().out.split("--stage ")[1].split()[0]
+    snapshots = run / "align" / key / "snapshots"
+    assert sorted(p.name for p in snapshots.iterdir()) == ["step-1", "step-2"]
+    # linear decay from 3e-3 over 2 steps: the update after checkpoint 1 (update 2) used 1.5e-3, read from
+    # checkpoint 2's log; none followed checkpoint 2
+    assert json.loads((snapshots / "step-1" / "snapshot.json").read_text()) == \
+        {"step": 1, "learning_rate": 1.5e-3, "rate_logged_at": 2}
+    assert json.loads((snapshots / "step-2" / "snapshot.json").read_text())["learning_rate"] == 0.0
+    assert file_hash(snapshots / "step-1" / "adapter_model.safetensors") == \
+        file_hash(checkpoints[1] / "adapter_model.safetensors")
+    assert sorted(p.name for p in (snapshots / "step-1").iterdir()) == ["adapter_config.json",
+                                                                      "adapter_model.safetensors", "snapshot.json"]
+    artefact = attribute(run, key, EchoProbe(), methods=["tracin"])
+    scores = pd.read_parquet(artefact.file("scores.parquet"))
+    assert np.abs(scores["score_tracin"]).max() > 0
+
+
+def _with_state(adapter: Path, tmp_path: Path, name: str, state: dict, **fields) -> Path:
+    copy = _broken(adapter, tmp_path / name, _set(**fields) if fields else (lambda p: None))
+    (copy / "trainer_state.json").write_text(json.dumps(state))
+    return copy
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("other lora", "its LoRA settings differ from --adapter's"),
+    ("no rate at its step", "logs no learning rate at step 3 or 4"),
+    ("no trainer state", "no readable trainer_state.json"),
+    ("same step twice", "two checkpoints are at the same step"),
+    ("full checkpoint", "TracIn snapshots are LoRA adapters"),
+])
+def test_bad_snapshots_are_refused(external, external_full, tiny_model_dir, tmp_path, case, message):
+    from alignscope.align.imported import import_stage
+
+    _, adapter, data, config = external
+    good = {"global_step": 3, "max_steps": 9, "log_history": [{"step": 3, "learning_rate": 1e-3}]}
+    kwargs = {"config": config}
+    if case == "other lora":
+        snaps = [_with_state(adapter, tmp_path, "a", good, r=2)]
+    elif case == "no rate at its step":
+        snaps = [_with_state(adapter, tmp_path, "a", {"global_step": 3, "max_steps": 9,
+                                                      "log_history": [{"step": 2, "learning_rate": 1.0}]})]
+    elif case == "no trainer state":
+        snaps = [adapter]
+    elif case == "same step twice":
+        snaps = [_with_state(adapter, tmp_path, "a", good), _with_state(adapter, tmp_path, "b", good)]
+    else:
+        snaps = [_with_state(adapter, tmp_path, "a", good)]
+        kwargs["checkpoint"] = external_full[1]
+    trained = None if case == "full checkpoint" else adapter
+    with pytest.raises(InputError, match=message):
+        import_stage(str(tiny_model_dir), trained, data, tmp_path / "run", snapshots=snaps, **kwargs)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_whose_next_rate_was_not_logged_uses_its_own_and_says_so(external, tmp_path):
+    from alignscope.align.imported import adapter_lora_settings, tracin_snapshots
+
+    _, adapter, _, _ = external
+    state = {"global_step": 3, "max_steps": 9, "log_history": [{"step": 3, "learning_rate": 1e-3}]}
+    [snap] = tracin_snapshots([_with_state(adapter, tmp_path, "a", state)], adapter_lora_settings(adapter))
+    assert (snap["step"], snap["learning_rate"], snap["rate_logged_at"]) == (3, 1e-3, 3)
+    state["log_history"].append({"step": 4, "learning_rate": 8e-4})  # the next update's rate wins when logged
+    [snap] = tracin_snapshots([_with_state(adapter, tmp_path, "b", state)], adapter_lora_settings(adapter))
+    assert (snap["learning_rate"], snap["rate_logged_at"]) == (8e-4, 4)

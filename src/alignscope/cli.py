@@ -281,13 +281,17 @@ def import_stage_cmd(
         help="How it was trained: sft, dpo, ipo, orpo, kto or simpo (optional when --config names it).")] = None,
     config: Annotated[Optional[Path], typer.Option(
         help="One-stage YAML with the training objective's settings (beta, loss_type, max_length, ...).")] = None,
+    snapshot: Annotated[Optional[list[Path]], typer.Option(
+        help="A TRL checkpoint-<step> directory of the same LoRA run, kept for TracIn (--method tracin); "
+             "repeatable.")] = None,
 ) -> None:
     """Make an adapter or fully fine-tuned model trained elsewhere (e.g. by your own TRL script) a stage of
     RUN, for attribute and curate."""
     from alignscope.align.imported import import_stage
 
     with _no_empty_run_dir(out):
-        result = import_stage(model, adapter, data, out, method=method, config=config, checkpoint=checkpoint)
+        result = import_stage(model, adapter, data, out, method=method, config=config, checkpoint=checkpoint,
+                              snapshots=snapshot or ())
     typer.echo(f"imported -> {result.path}")
     typer.echo(f"attribute it with: alignscope attribute --run {out} --stage {result.key} --probe PROBE")
 

@@ -20,19 +20,25 @@ once, from the base model (``--model``) on the checkpoint's own tokenisation of 
 stored in the stage as ``ref_logps.parquet``: TRL's reference for a full fine-tune run without a
 separate ``ref_model`` is a frozen copy of the model it started from. The base model must have the
 checkpoint's architecture and parameter shapes (checked); both are in memory at once for a moment.
+
+TracIn needs the adapter as it was during training: the ``checkpoint-<k>/`` directories a TRL run
+saves (``--snapshot``, repeatable) become the stage's ``snapshots/step-<k>/``. Checkpoint k holds
+the weights after k updates, i.e. before update k+1, which is what a snapshot alignscope saves
+itself holds; its learning rate is read from the run's logs (``tracin_snapshots``).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from alignscope.align.config import StageConfig, load_stage_config, parse_stages
 from alignscope.align.reference import REFERENCE_FILE
 from alignscope.errors import InputError
-from alignscope.store import RunDir, atomic_write_json, atomic_write_parquet, versions
+from alignscope.store import RunDir, atomic_write_json, atomic_write_parquet, file_hash, versions
 
 #: Methods whose per-pair training objective attribution knows (RLOO's reward has none per pair).
 IMPORTABLE = ("sft", "dpo", "ipo", "orpo", "kto", "simpo")
@@ -72,6 +78,50 @@ def adapter_lora_settings(adapter: Path) -> dict[str, Any]:
     settings = {key: raw[key] for key in _LORA_KEYS if raw.get(key) is not None}
     settings["target_modules"] = sorted(targets)
     return settings
+
+
+def _trainer_state(checkpoint: Path) -> dict[str, Any]:
+    try:
+        state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+        int(state["global_step"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"--snapshot {checkpoint}: no readable trainer_state.json with global_step ({exc}); pass a "
+                         "checkpoint-<step> directory the Trainer saved") from None
+    return state
+
+
+def tracin_snapshots(checkpoints: Sequence[Path], lora: dict[str, Any]) -> list[dict[str, Any]]:
+    """``{"path", "step", "learning_rate", "rate_logged_at"}`` of TRL ``checkpoint-<k>`` directories, by step.
+
+    TracIn weights the adapter after k updates by the learning rate of update k+1, the one taken from
+    it. The Trainer (transformers 5) logs each update's rate at that update's step, so the rate comes
+    from step k+1 of any given checkpoint's log; after the run's last update it is 0; where step k+1 was
+    not logged, the rate logged at step k stands in (``rate_logged_at`` says which). Refuses
+    checkpoints with other LoRA settings than the imported adapter, or with neither rate logged.
+    """
+    states = {Path(c): _trainer_state(Path(c)) for c in checkpoints}
+    rates = {entry["step"]: float(entry["learning_rate"]) for state in states.values()
+             for entry in state.get("log_history", []) if "learning_rate" in entry and "step" in entry}
+    out = []
+    for checkpoint, state in states.items():
+        if adapter_lora_settings(checkpoint) != lora:
+            raise InputError(f"--snapshot {checkpoint}: its LoRA settings differ from --adapter's; pass checkpoints "
+                             "of the same training run")
+        step, last = int(state["global_step"]), state.get("max_steps")
+        if last is not None and step >= int(last):
+            rate, at = 0.0, None  # no update followed the run's last one
+        elif step + 1 in rates or step in rates:
+            at = step + 1 if step + 1 in rates else step
+            rate = rates[at]
+        else:
+            raise InputError(f"--snapshot {checkpoint}: trainer_state.json logs no learning rate at step {step} or "
+                             f"{step + 1}; TracIn weights each checkpoint by it (save checkpoints at logged steps: "
+                             "save_steps a multiple of logging_steps)")
+        out.append({"path": checkpoint, "step": step, "learning_rate": rate, "rate_logged_at": at})
+    steps = [x["step"] for x in out]
+    if len(set(steps)) != len(steps):
+        raise InputError(f"--snapshot: two checkpoints are at the same step ({sorted(steps)}); pass each step once")
+    return sorted(out, key=lambda x: x["step"])
 
 
 def checkpoint_weights_check(checkpoint: Path) -> None:
@@ -125,7 +175,7 @@ def _normalised(value: Any) -> Any:
 
 def import_stage(model: str, adapter: str | Path | None, data: str | Path, out: str | Path, *,
                  method: str | None = None, config: str | Path | None = None,
-                 checkpoint: str | Path | None = None) -> Any:
+                 checkpoint: str | Path | None = None, snapshots: Sequence[str | Path] = ()) -> Any:
     """Write an externally trained LoRA adapter (or fully fine-tuned checkpoint), its training pairs
     and objective as a stage of ``out``.
 
@@ -138,11 +188,13 @@ def import_stage(model: str, adapter: str | Path | None, data: str | Path, out: 
         method: the training method; optional when ``config`` names it.
         config: a one-stage YAML with the objective's settings (beta, loss_type, max_length, ...).
         checkpoint: instead of ``adapter``, a fully fine-tuned model directory (safetensors weights).
+        snapshots: TRL ``checkpoint-<k>`` directories of the adapter's run, for TracIn.
 
     Returns:
         The ``StageResult`` (a cache hit when the same weights, data and config were imported before).
     """
-    from alignscope.align.stage import ALIGN_STAGE, PAIRS_FILE, StageResult, _use_cpu, resolve_precision
+    from alignscope.align.stage import ALIGN_STAGE, PAIRS_FILE, SNAPSHOT_DIR, StageResult, _use_cpu, \
+        resolve_precision
     from alignscope.data.preferences import load_preferences, preferences_fingerprint, write_preferences
     from alignscope.models import load
 
@@ -155,6 +207,10 @@ def import_stage(model: str, adapter: str | Path | None, data: str | Path, out: 
     else:
         checkpoint_weights_check(trained)
         lora = None
+    if snapshots and lora is None:
+        raise InputError("--snapshot: TracIn snapshots are LoRA adapters; a fully fine-tuned --checkpoint has none "
+                         "(attribute it with --method gradsim or datainf)")
+    kept = [] if lora is None else tracin_snapshots([Path(p) for p in snapshots], lora)
     stage = imported_stage_config(method, None if config is None else Path(config), lora)
     pairs = load_preferences(data)  # refuses an empty file and duplicate ids itself
     import torch
@@ -179,6 +235,9 @@ def import_stage(model: str, adapter: str | Path | None, data: str | Path, out: 
               "data": preferences_fingerprint(pairs), "config": stage.result_dict(), "precision": precision}
     if base is not None:
         inputs["reference"] = base.fingerprint
+    if kept:
+        inputs["snapshots"] = [{"step": x["step"], "learning_rate": x["learning_rate"],
+                                "weights": file_hash(x["path"] / WEIGHTS_FILE)} for x in kept]
     run = RunDir(out)
     found = run.find(ALIGN_STAGE, inputs)
     if found is not None:
@@ -187,14 +246,19 @@ def import_stage(model: str, adapter: str | Path | None, data: str | Path, out: 
     del base  # a full model's base is no longer needed: free it before writing the checkpoint
     with run.build(ALIGN_STAGE, inputs) as scratch:
         if lora is not None:
-            (scratch / "adapter").mkdir()
-            for name in ("adapter_config.json", WEIGHTS_FILE):
-                shutil.copyfile(trained / name, scratch / "adapter" / name)
+            _copy_adapter(trained, scratch / "adapter")
+            for x in kept:
+                target = scratch / SNAPSHOT_DIR / f"step-{x['step']}"
+                _copy_adapter(x["path"], target)
+                atomic_write_json(target / "snapshot.json", {k: x[k] for k in ("step", "learning_rate",
+                                                                               "rate_logged_at")})
         else:
             lm.model.save_pretrained(scratch / "model")
             lm.tokenizer.save_pretrained(scratch / "model")
         write_preferences(pairs, scratch / PAIRS_FILE)
         summary = _summary(stage, spec, source, lm, trained, pairs, precision, inputs["data"], versions())
+        if kept:
+            summary["imported"]["snapshots"] = [str(x["path"].resolve()) for x in kept]
         if reference is not None:
             atomic_write_parquet(scratch / REFERENCE_FILE, reference)
             summary["reference"] = {"path": f"{ALIGN_STAGE}/{RunDir.key(inputs)}", "cache_hit": None,
@@ -203,6 +267,13 @@ def import_stage(model: str, adapter: str | Path | None, data: str | Path, out: 
     found = run.find(ALIGN_STAGE, inputs)
     assert found is not None
     return StageResult.from_dir(found.path, cached=False)
+
+
+def _copy_adapter(source: Path, target: Path) -> None:
+    """The adapter's config and safetensors weights only (not a checkpoint's optimizer or RNG pickles)."""
+    target.mkdir(parents=True)
+    for name in ("adapter_config.json", WEIGHTS_FILE):
+        shutil.copyfile(source / name, target / name)
 
 
 def base_reference(base: Any, policy: Any, checkpoint: Path, stage: StageConfig, pairs: list[Any]) -> Any:
