@@ -141,8 +141,9 @@ def test_loading_a_pickled_adapter_is_refused(external, tiny_model_dir, tmp_path
         load(str(tiny_model_dir), adapter=_broken(adapter, tmp_path, _pickled))
 
 
-def test_an_adapter_saved_by_a_plain_trl_script_imports_and_attributes(tiny_model_dir, tmp_path, capsys):
-    """The use case itself: a user's own TRL DPO run (not alignscope's), saved with trainer.save_model."""
+def _plain_trl_dpo_run(tiny_model_dir: Path, tmp_path: Path, **saving) -> tuple[Path, Path]:
+    """A user's own TRL DPO LoRA run (2 steps, logged each step) on the planted pairs: the adapter goes to
+    tmp_path/adapter (trainer.save_model), checkpoints to tmp_path/trl; returns (pairs file, stage YAML)."""
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -152,8 +153,7 @@ def test_an_adapter_saved_by_a_plain_trl_script_imports_and_attributes(tiny_mode
     rows = [{"prompt": [dict(m) for m in p.prompt], "chosen": [{"role": "assistant", "content": p.chosen}],
              "rejected": [{"role": "assistant", "content": p.rejected}]} for p in pairs]
     args = DPOConfig(output_dir=str(tmp_path / "trl"), use_cpu=True, max_steps=2, per_device_train_batch_size=4,
-                     learning_rate=3e-3, beta=0.5, max_length=48, report_to="none", save_strategy="no",
-                     logging_steps=1)
+                     learning_rate=3e-3, beta=0.5, max_length=48, report_to="none", logging_steps=1, **saving)
     trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), args=args,
                          train_dataset=Dataset.from_list(rows),
                          processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
@@ -165,6 +165,13 @@ def test_an_adapter_saved_by_a_plain_trl_script_imports_and_attributes(tiny_mode
     write_preferences(pairs, data)
     config = tmp_path / "stage.yaml"
     config.write_text(yaml.safe_dump(OBJECTIVE))
+    return data, config
+
+
+def test_an_adapter_saved_by_a_plain_trl_script_imports_and_attributes(tiny_model_dir, tmp_path, capsys):
+    """The use case itself: a user's own TRL DPO run (not alignscope's), saved with trainer.save_model."""
+    pairs = planted_pairs()
+    data, config = _plain_trl_dpo_run(tiny_model_dir, tmp_path, save_strategy="no")
     run = tmp_path / "run"
     assert cli(["import-stage", "--model", str(tiny_model_dir), "--adapter", str(tmp_path / "adapter"),
                 "--data", str(data), "--config", str(config), "--out", str(run)]) == 0
@@ -292,30 +299,10 @@ def test_loading_a_model_whose_weights_are_only_a_pickle_is_refused(tiny_model_d
 def test_trl_checkpoints_become_tracin_snapshots(tiny_model_dir, tmp_path, capsys):
     """A TRL run's checkpoint-<k> directories, passed with --snapshot, give TracIn its adapters and the
     learning rate each next update used (read from trainer_state.json)."""
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import DPOConfig, DPOTrainer
-
     from alignscope.store import file_hash
 
-    pairs = planted_pairs()
-    rows = [{"prompt": [dict(m) for m in p.prompt], "chosen": [{"role": "assistant", "content": p.chosen}],
-             "rejected": [{"role": "assistant", "content": p.rejected}]} for p in pairs]
-    args = DPOConfig(output_dir=str(tmp_path / "trl"), use_cpu=True, max_steps=2, per_device_train_batch_size=4,
-                     learning_rate=3e-3, beta=0.5, max_length=48, report_to="none", save_strategy="steps",
-                     save_steps=1, logging_steps=1, lr_scheduler_type="linear")
-    trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), args=args,
-                         train_dataset=Dataset.from_list(rows),
-                         processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
-                         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                task_type="CAUSAL_LM"))
-    trainer.train()
-    trainer.save_model(str(tmp_path / "adapter"))
-    data = tmp_path / "pairs.jsonl"
-    write_preferences(pairs, data)
-    config = tmp_path / "stage.yaml"
-    config.write_text(yaml.safe_dump(OBJECTIVE))
+    data, config = _plain_trl_dpo_run(tiny_model_dir, tmp_path, save_strategy="steps", save_steps=1,
+                                      lr_scheduler_type="linear")
     run = tmp_path / "run"
     checkpoints = [tmp_path / "trl" / f"checkpoint-{k}" for k in (2, 1)]  # any order
     assert cli(["import-stage", "--model", str(tiny_model_dir), "--adapter", str(tmp_path / "adapter"),
