@@ -392,20 +392,12 @@ def _gradients(run: RunDir, stage: Any, lm: Any, objective: Any, pairs: list[Any
 
 def _logprobs(lm: Any, requests: list[Any], batch_tokens: int) -> np.ndarray:
     """The measurement's log-probs at the trained adapter, without gradients."""
-    import torch
-
-    from alignscope.attribute.gradients import MAX_ROWS, measurement_rows
+    from alignscope.attribute.gradients import measurement_rows, side_logprobs
     from alignscope.attribute.objective import LogProbModel
-    from alignscope.models.hf_backend import token_batches
 
     lm.model.eval()
     lp = LogProbModel(lm.model, lm.tokenizer.pad_token_id or 0)
-    rows = measurement_rows(lm, requests)
-    out = np.zeros(len(rows))
-    with torch.no_grad():
-        for batch in token_batches([len(r.ids) for r in rows], batch_tokens, MAX_ROWS):
-            out[batch] = lp([rows[j] for j in batch]).double().cpu().numpy()
-    return out
+    return side_logprobs(lp, {"measurement": measurement_rows(lm, requests)}, batch_tokens)["measurement"]
 
 
 def _snapshots(stage: Any) -> list[tuple[Path, float]]:

@@ -418,7 +418,7 @@ def kto_kl(lp: LogProbModel, tokenizer: Any, pairs: Sequence[Any], baseline: KLB
     parts = []
     for i, desirable in kto_row_order(len(pairs), baseline.seed):
         row = encode_pair(tokenizer, pairs[i], ["chosen" if desirable else "rejected"], None)[0]
-        start = row.mask.index(1) if 1 in row.mask else len(row.ids)
+        start = row.reply_start
         if max_length is None or start < max_length:
             parts.append((row.ids[:start], row.ids[start:]))
     batches = [parts[b:b + baseline.batch_size] for b in range(0, len(parts), baseline.batch_size)]

@@ -61,6 +61,11 @@ class Row:
     def n_scored(self) -> int:
         return sum(self.mask[1:])
 
+    @property
+    def reply_start(self) -> int:
+        """Where the scored reply starts (the length of the prompt before it)."""
+        return self.mask.index(1) if 1 in self.mask else len(self.ids)
+
 
 def _chat_ids(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
     out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
@@ -188,9 +193,8 @@ class Objective:
         replies = [side for side in self.sides if side != PROMPT_SIDE]
         rows = encode_pair(tokenizer, pair, replies, max_length, truncation_mode, self.reply_eos)
         if PROMPT_SIDE in self.sides:
-            chosen = rows[0]
-            start = chosen.mask.index(1) if 1 in chosen.mask else len(chosen.ids)
-            rows.append(Row(chosen.ids[:start], (1,) * start))
+            start = rows[0].reply_start  # the chosen row's prompt
+            rows.append(Row(rows[0].ids[:start], (1,) * start))
         return rows
 
     def coefficients(self, s: dict[str, torch.Tensor], n: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]
